@@ -46,7 +46,8 @@ def build_tiny_tokenizer(texts: Iterable[str], out_dir: str | pathlib.Path, *, v
         raise ValueError("build_tiny_tokenizer needs at least one training text")
     empty = transformers.Qwen2Tokenizer()  # Qwen2.5's normalizer, pre-tokenizer and decoder, no vocabulary yet
     tokenizer = empty.train_new_from_iterator(texts, vocab_size=vocab_size,
-                                              new_special_tokens=list(QWEN_SPECIAL_TOKENS))
+                                              new_special_tokens=list(QWEN_SPECIAL_TOKENS),
+                                              show_progress=False)  # its bar prints blank lines into logs
     tokenizer.eos_token = IM_END
     tokenizer.pad_token = ENDOFTEXT
     tokenizer.chat_template = CHATML_TEMPLATE
