@@ -14,15 +14,38 @@ from jax.custom_derivatives import SymbolicZero
 from tspo_jax.models.qwen2 import Qwen2ForCausalLM
 
 
-def _log_probs_and_residuals(hidden, targets, output_embedding):
-    logits = jnp.einsum("nd,dv->nv", hidden, output_embedding, preferred_element_type=jnp.float32)
-    # One exp per logit gives both sums: Z = sum e^(z - m) and sum z e^(z - m) (for the mean logit under p).
+# Rows per block of the CPU softmax statistics: XLA:CPU materialises e^(z - m) before summing it, so over a whole
+# [N, V] chunk that is a fresh 1.2 GB scratch every step; 28 rows keep it ~17 MB (2.4x faster on the 0.5B vocabulary).
+_CPU_STATS_ROWS = 28
+
+
+def _softmax_stats(logits, targets):
+    """logits: f32[N, V], targets: int32[N] -> (log_norm, mean_logit, target_logits), each f32[N].
+
+    log_norm = logsumexp(z); mean_logit = sum_v p_v z_v; one exp per logit gives both sums.
+    """
     top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     unnormalised = jnp.exp(logits - top)
     partition = jnp.sum(unnormalised, axis=-1)
     log_norm = top[..., 0] + jnp.log(partition)
     mean_logit = jnp.sum(unnormalised * logits, axis=-1) / partition
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_norm, mean_logit, target_logits
+
+
+def _softmax_stats_by_row_blocks(logits, targets):
+    """_softmax_stats a few rows at a time (the same sums, up to float rounding order): the CPU lowering."""
+    def one_row(row):  # lax.map vmaps this over _CPU_STATS_ROWS rows at a time
+        logits_row, target = row
+        return tuple(stat[0] for stat in _softmax_stats(logits_row[None], target[None]))
+
+    return jax.lax.map(one_row, (logits, targets), batch_size=_CPU_STATS_ROWS)
+
+
+def _log_probs_and_residuals(hidden, targets, output_embedding):
+    logits = jnp.einsum("nd,dv->nv", hidden, output_embedding, preferred_element_type=jnp.float32)
+    log_norm, mean_logit, target_logits = jax.lax.platform_dependent(
+        logits, targets, cpu=_softmax_stats_by_row_blocks, default=_softmax_stats)
     return (target_logits - log_norm, log_norm - mean_logit), (logits, log_norm, mean_logit)
 
 
