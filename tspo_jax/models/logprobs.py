@@ -15,8 +15,11 @@ from tspo_jax.models.qwen2 import Qwen2ForCausalLM
 
 
 # Rows per block of the CPU softmax statistics: XLA:CPU materialises e^(z - m) before summing it, so over a whole
-# [N, V] chunk that is a fresh 1.2 GB scratch every step; 28 rows keep it ~17 MB (2.4x faster on the 0.5B vocabulary).
+# [N, V] chunk that is a fresh 1.2 GB scratch every step; 28 rows keep it ~17 MB (a 4x512 fwd+bwd of the 0.5B shape:
+# 11.15 -> 10.09 s). Below _CPU_STATS_MIN_BYTES of logits the loop costs more than the scratch (a [24576, 512] chunk:
+# 21 ms fused, 54 ms in row blocks), so small vocabularies keep the one fused reduction.
 _CPU_STATS_ROWS = 28
+_CPU_STATS_MIN_BYTES = 256 * 2**20
 
 
 def _softmax_stats(logits, targets):
@@ -44,8 +47,11 @@ def _softmax_stats_by_row_blocks(logits, targets):
 
 def _log_probs_and_residuals(hidden, targets, output_embedding):
     logits = jnp.einsum("nd,dv->nv", hidden, output_embedding, preferred_element_type=jnp.float32)
-    log_norm, mean_logit, target_logits = jax.lax.platform_dependent(
-        logits, targets, cpu=_softmax_stats_by_row_blocks, default=_softmax_stats)
+    if logits.size * logits.dtype.itemsize < _CPU_STATS_MIN_BYTES:
+        log_norm, mean_logit, target_logits = _softmax_stats(logits, targets)
+    else:
+        log_norm, mean_logit, target_logits = jax.lax.platform_dependent(
+            logits, targets, cpu=_softmax_stats_by_row_blocks, default=_softmax_stats)
     return (target_logits - log_norm, log_norm - mean_logit), (logits, log_norm, mean_logit)
 
 
