@@ -17,6 +17,7 @@ import os
 import pathlib
 import socket
 import uuid
+from collections.abc import Collection
 
 from etils import epath
 
@@ -87,13 +88,17 @@ def local_work_dir(run_dir: epath.Path, local_dir: str | None) -> pathlib.Path:
     return (_LOCAL_CACHE / rest.strip("/")).expanduser().absolute()
 
 
-def copy_tree(source: os.PathLike, target: os.PathLike) -> int:
-    """Copies every file under `source` to the same relative path under `target` (local <-> gs://); returns the
-    number of files. Used for small directories only (a tiny model)."""
+def copy_tree(source: os.PathLike, target: os.PathLike, *, skip: Collection[str] = ()) -> int:
+    """Copies every file under `source` to the same relative path under `target` (local <-> gs://), except those
+    whose relative path is in `skip`; returns the number of files. Used for small directories only (a tiny
+    model)."""
     source, target = epath.Path(source), epath.Path(target)
     count = 0
     for path in _files_under(source):
-        destination = target / os.path.relpath(os.fspath(path), os.fspath(source))
+        relative = os.path.relpath(os.fspath(path), os.fspath(source))
+        if relative in skip:
+            continue
+        destination = target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
         destination.write_bytes(path.read_bytes())
         count += 1

@@ -26,31 +26,20 @@ log = logging.getLogger(__name__)
 _DONE = "BOOTSTRAP_COMPLETE"
 
 
-def _complete(directory) -> bool:
-    return (directory / _DONE).exists()
-
-
 def is_complete(directory) -> bool:
     """A bootstrap directory (local pathlib or gs:// epath) that was finished, not interrupted half-way."""
-    return _complete(directory)
+    return (directory / _DONE).exists()
 
 
 def publish(local: pathlib.Path, remote) -> None:
     """Copies a complete local bootstrap directory to `remote` (an epath), its completion marker last."""
     from tspo_jax.run_files import copy_tree
 
-    if not _complete(local):
+    if not is_complete(local):
         raise RuntimeError(f"{local} is not a complete bootstrap directory; nothing published")
-    if _complete(remote):
+    if is_complete(remote):
         return
-    staging = pathlib.Path(f"{local}.publish")
-    if staging.exists():
-        shutil.rmtree(staging)
-    shutil.copytree(local, staging, ignore=shutil.ignore_patterns(_DONE))
-    try:
-        copy_tree(staging, remote)
-    finally:
-        shutil.rmtree(staging)
+    copy_tree(local, remote, skip={_DONE})
     (remote / _DONE).write_text((local / _DONE).read_text())
     log.info("published %s to %s", local, remote)
 
@@ -62,8 +51,8 @@ def fetch(remote, local: pathlib.Path) -> bool:
 
     from tspo_jax.run_files import copy_tree
 
-    if _complete(local) or not _complete(remote):
-        return _complete(local)
+    if is_complete(local) or not is_complete(remote):
+        return is_complete(local)
     staging = pathlib.Path(f"{local}.fetch")
     for stale in (local, staging):
         if stale.exists():
@@ -85,7 +74,7 @@ def demo_data(directory: str | pathlib.Path, *, seed: int = 0) -> dict[str, path
     directory = pathlib.Path(directory)
     paths = {"corpus": directory / "corpus.jsonl", "train": directory / "train.parquet",
              "test": directory / "test.parquet"}
-    if not _complete(directory):
+    if not is_complete(directory):
         log.info("writing the demo data to %s", directory)
         write_demo_data(directory, fmt="parquet", seed=seed)
         _mark_complete(directory, seed=seed)
@@ -134,7 +123,7 @@ def tiny_checkpoint(directory: str | pathlib.Path, *, preset: str, texts: list[s
     from tspo_jax.rollout.tokenizer import build_tiny_tokenizer, load_tokenizer
 
     directory = pathlib.Path(directory)
-    if _complete(directory):
+    if is_complete(directory):
         return directory
     if directory.exists():
         shutil.rmtree(directory)  # an interrupted earlier attempt
