@@ -26,10 +26,6 @@ _SUMMED = ("rollout/trajectories", "rollout/failed_searches", "rollout/tokens_ge
 _ZERO_WHEN_ABSENT = ("rollout/stop_",)  # a stop reason no trajectory of a process had
 
 
-def process_count() -> int:
-    return jax.process_count()
-
-
 def barrier(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
@@ -92,13 +88,10 @@ def combine_step_metrics(per_process: Sequence[Mapping[str, float]]) -> dict[str
     return out
 
 
-def local_mesh(tensor: int) -> Mesh:
-    """This process's devices as a ("data", "fsdp", "tensor") mesh: where its rollout engine runs."""
-    return sharding.make_mesh(1, -1, tensor, devices=_devices_of(jax.process_index()))
-
-
-def _devices_of(process: int) -> list[jax.Device]:
-    return sorted((d for d in jax.devices() if d.process_index == process), key=lambda d: d.id)
+def host_mesh(process: int, tensor: int) -> Mesh:
+    """Process `process`'s devices as a ("data", "fsdp", "tensor") mesh: where its rollout engine runs."""
+    devices = sorted((d for d in jax.devices() if d.process_index == process), key=lambda d: d.id)
+    return sharding.make_mesh(1, -1, tensor, devices=devices)
 
 
 class HostReplicas:
@@ -110,12 +103,11 @@ class HostReplicas:
     """
 
     def __init__(self, abstract_params, *, tensor: int, rules):
-        self.mesh = local_mesh(tensor)
+        self.mesh = host_mesh(jax.process_index(), tensor)
         self.rules = sharding.normalize_rules(rules, self.mesh)
         self.local_shardings = sharding.state_shardings(abstract_params, self.mesh, self.rules)
         # Row p of the hosts mesh is process p's local mesh; a spec without "hosts" replicates across hosts.
-        per_host = np.stack([sharding.make_mesh(1, -1, tensor, devices=_devices_of(p)).devices
-                             for p in range(jax.process_count())])
+        per_host = np.stack([host_mesh(p, tensor).devices for p in range(jax.process_count())])
         hosts = Mesh(per_host, ("hosts", *self.mesh.axis_names))
         self._host_shardings = jax.tree.map(lambda s: NamedSharding(hosts, s.spec), self.local_shardings)
         self._gather = jax.jit(lambda params: params, out_shardings=self._host_shardings)
