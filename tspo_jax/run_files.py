@@ -39,14 +39,19 @@ def is_remote(path: str | os.PathLike) -> bool:
     return scheme(os.fspath(path)) is not None
 
 
+def check_supported(url: str | os.PathLike, *, what: str) -> None:
+    """A local path or a gs:// URL passes; any other URL scheme fails naming `what`."""
+    found = scheme(os.fspath(url))
+    if found is not None and found not in SUPPORTED_SCHEMES:
+        raise RunFilesError(f"{what} = {os.fspath(url)!r}: only local paths and gs:// URLs are supported")
+
+
 def run_path(url: str | os.PathLike, *, what: str) -> epath.Path:
     """The epath for a local path (made absolute) or a gs:// URL; anything else fails naming `what`."""
     url = os.fspath(url)
-    found = scheme(url)
-    if found is None:
+    check_supported(url, what=what)
+    if scheme(url) is None:
         return epath.Path(os.path.abspath(os.path.expanduser(url)))
-    if found not in SUPPORTED_SCHEMES:
-        raise RunFilesError(f"{what} = {url!r}: only local paths and gs:// URLs are supported")
     try:
         import gcsfs  # noqa: F401  (epath's gs:// backend)
     except ImportError as error:

@@ -253,17 +253,15 @@ class Experiment:
 
     def _check_locations(self) -> None:
         """RUN_DIR and the checkpoint directory may be gs:// URLs; what is read from local disk may not."""
-        for what, url in (("train.run_dir (RUN_DIR)", self.run_dir),
-                          ("CheckpointSpec.directory", self.checkpoints.directory)):
-            found = url and run_files.scheme(url)
-            if found and found not in run_files.SUPPORTED_SCHEMES:
-                raise ValueError(f"{what} = {url!r}: only local paths and gs:// URLs are supported")
         local = [("ModelSpec.checkpoint", self.model.checkpoint), ("ModelSpec.tokenizer", self.model.tokenizer),
                  ("RetrievalSpec.index_dir", self.retrieval.index_dir), ("train.local_dir", self.local_dir)]
         local += [("DataSpec.train_files", f) for f in self.data.train_files]
         local += [("DataSpec.eval_files", f) for f in self.data.eval_files]
-        for what, url in local:
-            try:
+        try:
+            run_files.check_supported(self.run_dir, what="train.run_dir (RUN_DIR)")
+            if self.checkpoints.directory:
+                run_files.check_supported(self.checkpoints.directory, what="CheckpointSpec.directory")
+            for what, url in local:
                 run_files.require_local(url, what=what)
-            except run_files.RunFilesError as error:
-                raise ValueError(str(error)) from None
+        except run_files.RunFilesError as error:
+            raise ValueError(str(error)) from None
