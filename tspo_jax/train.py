@@ -113,14 +113,14 @@ class Trainer:
         progress = names.ProgressLine(exp.num_steps, start_step=start)
         try:
             if start == 0 and exp.eval_at_start and s.has_eval:
-                s.log_metrics(0, s.evaluate())
+                s.log_metrics(0, s.evaluate()[0])
             for step in range(start + 1, exp.num_steps + 1):
                 tick = time.perf_counter()
                 metrics = self.step(step)
                 metrics[names.TIME_STEP] = time.perf_counter() - tick
                 last = step == exp.num_steps
                 if s.has_eval and exp.eval_every and (last or step % exp.eval_every == 0):
-                    metrics.update(s.evaluate())
+                    metrics.update(s.evaluate()[0])
                 s.log_metrics(step, metrics)
                 progress.update(step, metrics)
                 if step == start + 1 and jax.process_index() == 0:

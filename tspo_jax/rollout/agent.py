@@ -126,6 +126,7 @@ class _Live:
     turn_texts: list[str] = dataclasses.field(default_factory=list)
     queries: list[str | None] = dataclasses.field(default_factory=list)
     observations: list[str | None] = dataclasses.field(default_factory=list)
+    retrieved_titles: list[list[str] | None] = dataclasses.field(default_factory=list)
     search_failures: int = 0
     stop_reason: str | None = None
 
@@ -294,6 +295,7 @@ class SearchAgent:
             traj.turn_texts.append(text)
             traj.queries.append(None)
             traj.observations.append(None)
+            traj.retrieved_titles.append(None)
             metrics.turns += 1
             finish, traj.finish = traj.finish, FINISH_NONE
             context_full = finish == FINISH_BUDGET and len(traj.tokens) >= cfg.max_context_tokens
@@ -338,6 +340,8 @@ class SearchAgent:
             return {slot: _Observation(head=self._failed) for slot in slots}
         finally:
             metrics.retrieval_s += time.perf_counter() - tick
+        for slot, docs in zip(slots, results):
+            trajectories[slot].retrieved_titles[-1] = [doc.title for doc in docs]
         return {slot: _Observation(head=self._obs_open, body=self._encode(texts.format_documents(docs)),
                                    tail=self._obs_close) for slot, docs in zip(slots, results)}
 
@@ -372,7 +376,8 @@ class SearchAgent:
             tokens=np.asarray(traj.tokens, np.int32), loss_mask=np.asarray(traj.loss_mask, np.int32),
             turn_id=np.asarray(traj.turn_id, np.int32), sampler_logprobs=np.asarray(traj.logprobs, np.float32),
             turn_texts=traj.turn_texts, queries=traj.queries, observations=traj.observations,
-            stop_reason=traj.stop_reason, num_turns=len(traj.turn_texts), search_failures=traj.search_failures)
+            stop_reason=traj.stop_reason, num_turns=len(traj.turn_texts), search_failures=traj.search_failures,
+            retrieved_titles=traj.retrieved_titles)
 
 
 def _to_host(result: ResultTokens) -> ResultTokens:

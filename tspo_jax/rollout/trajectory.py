@@ -34,3 +34,4 @@ class Trajectory:
     stop_reason: str  # STOP_ANSWER | STOP_MAX_TURNS | STOP_CONTEXT
     num_turns: int  # K >= 1 == len(turn_texts)
     search_failures: int  # retrieval calls that failed for this trajectory
+    retrieved_titles: list[list[str] | None] | None = None  # per turn: titles of the documents retrieved after it

@@ -255,7 +255,7 @@ def _type_error(value, hint) -> str | None:
         return None if isinstance(value, str) else "expected a string (gin strings are quoted: 'text')"
     if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            return f"expected a sequence, e.g. ['a', 'b']"
+            return "expected a sequence, e.g. ['a', 'b']"
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 return f"expected {len(args)} items"

@@ -7,6 +7,10 @@ message naming the culprit. RUN_DIR may be local or gs:// (tspo_jax.run_files); 
 (`jax.distributed`) each process holds its own slice of every step's prompts and its own rollout engine on its
 local devices (tspo_jax.training.multihost), and everything written once is written by process 0. The RL step
 itself is `tspo_jax.train.Trainer.step`; this module holds what it uses.
+
+The set-up pieces other entry points share live in their own modules: qa_data (QA files / demo world),
+retrieval (connect or start the service), policy (tokenizer, config, mesh, weights), rollouts (engine + agent,
+prompts), evaluation (greedy eval and per-example records), errors.
 """
 
 from __future__ import annotations
@@ -14,30 +18,31 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import pathlib
 import signal
-import time
 
 import jax
 import numpy as np
 from flax import nnx
 
 from tspo_jax import metrics as names
-from tspo_jax import run_files, sharding
+from tspo_jax import run_files
 from tspo_jax.checkpoint import CheckpointError, RunCheckpoints
-from tspo_jax.data import QADataError, eval_batches, open_sources, training_batches
-from tspo_jax.models.hf_io import load_hf_checkpoint
-from tspo_jax.models.qwen2 import PRESETS, Qwen2Config, Qwen2ForCausalLM
-from tspo_jax.rewards import query_similarity_shaping, score_trajectories
-from tspo_jax.rollout.agent import RolloutPrompt, SearchAgent, client_retriever
+from tspo_jax.data import eval_batches, training_batches
+from tspo_jax.rewards import query_similarity_shaping
+from tspo_jax.rollout.agent import RolloutPrompt, SearchAgent
 from tspo_jax.rollout.engine import Engine
-from tspo_jax.rollout.prompts import build_prompt_messages
 from tspo_jax.rollout.sampling import SamplingConfig
-from tspo_jax.rollout.stops import STOP_STRINGS, compile_stop_table
-from tspo_jax.rollout.tokenizer import encode_chat, load_tokenizer, stop_token_ids, token_bytes
 from tspo_jax.training import bootstrap, gin_config, multihost
+from tspo_jax.training.errors import NonFiniteUpdates, StartupError
+from tspo_jax.training.evaluation import greedy_eval
 from tspo_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from tspo_jax.training.update import PolicyUpdate, batch_shards
+from tspo_jax.training.policy import make_mesh, open_policy, tiny_model_dir
+from tspo_jax.training.qa_data import open_qa_data
+from tspo_jax.training.retrieval import connect_retrieval
+from tspo_jax.training.rollouts import build_agent, engine_slots, rollout_prompts
+from tspo_jax.training.update import PolicyUpdate
+
+__all__ = ["NonFiniteGuard", "NonFiniteUpdates", "StartupError", "TrainingSession"]
 
 log = logging.getLogger("tspo_jax.train")
 
@@ -48,14 +53,6 @@ _UPDATE_NAMES = {
     "loss": "loss/total", "ppo_kl": "loss/ppo_kl", "dual_clip_fraction": "loss/dual_clip_fraction",
     "ratio_mean": "loss/ratio_mean", "ratio_min": "loss/ratio_min", "ratio_max": "loss/ratio_max",
 }
-
-
-class StartupError(RuntimeError):
-    """The run cannot start (bad data, no retrieval service, unusable checkpoint…); the message names why."""
-
-
-class NonFiniteUpdates(RuntimeError):
-    """Too many non-finite losses or gradients in a row."""
 
 
 def _exit_on_sigterm(signum, frame):
@@ -115,7 +112,8 @@ class TrainingSession:
         if jax.process_index() == 0:
             gin_config.write_config(self.run_dir)  # operative_config.gin follows after the first step
         self._open_data()
-        self._connect_retrieval()
+        self.retrieval = connect_retrieval(exp.retrieval, self._stack, local_dir=self.local_dir,
+                                           demo_corpus=self.demo_paths and self.demo_paths["corpus"])
         self._load_model()
         self.checkpoints = RunCheckpoints(
             exp.checkpoints.directory or self.run_dir / "checkpoints", save_every=exp.checkpoints.save_every,
@@ -130,68 +128,16 @@ class TrainingSession:
 
     # ----- data ------------------------------------------------------------------------------------------------
     def _open_data(self) -> None:
-        spec = self.exp.data
-        if spec.demo:
-            with multihost.process_zero_first("demo data"):
-                self.demo_paths = bootstrap.demo_data(self.local_dir / "demo_data", seed=self.exp.seed)
-            train_files, eval_files = [self.demo_paths["train"]], [self.demo_paths["test"]]
-        else:
-            self.demo_paths = None
-            train_files, eval_files = list(spec.train_files), list(spec.eval_files)
+        exp = self.exp
+        qa = open_qa_data(exp.data, local_dir=self.local_dir, seed=exp.seed)
+        self.demo_paths, self.train_sources, self.eval_sources = qa.demo_paths, qa.train_sources, qa.eval_sources
+        self.qa = qa
         try:
-            self.train_sources = open_sources(train_files)
-            self.eval_sources = open_sources(eval_files) if eval_files else []
-        except QADataError as error:
-            raise StartupError(f"data: {error}") from None
-        try:
-            self.data = training_batches(self.train_sources, prompts_per_step=self.exp.prompts_per_step,
-                                         seed=self.exp.seed, process_index=jax.process_index(),
-                                         process_count=jax.process_count())
+            self.data = training_batches(self.train_sources, prompts_per_step=exp.prompts_per_step, seed=exp.seed,
+                                         process_index=jax.process_index(), process_count=jax.process_count())
         except ValueError as error:  # a global batch that the processes cannot split evenly
             raise StartupError(f"train.prompts_per_step: {error}") from None
         self.has_eval = bool(self.eval_sources)
-
-    # ----- retrieval -------------------------------------------------------------------------------------------
-    def _connect_retrieval(self) -> None:
-        from retrieval_service.client import RetrievalClient
-        from retrieval_service.process import RetrievalServer
-
-        spec = self.exp.retrieval
-        addresses = list(spec.addresses)
-        if not addresses:
-            index_dir = spec.index_dir
-            if index_dir is None:
-                if self.demo_paths is None:
-                    raise StartupError("no retrieval service: set RetrievalSpec.addresses (running services) or "
-                                       "RetrievalSpec.index_dir (an index to serve)")
-                with multihost.process_zero_first("demo index"):
-                    index_dir = bootstrap.retrieval_index(self.demo_paths["corpus"],
-                                                          self.local_dir / "demo_data" / "index",
-                                                          backend=spec.demo_backend)
-            if not pathlib.Path(index_dir, "manifest.json").exists():
-                raise StartupError(f"RetrievalSpec.index_dir {index_dir} has no manifest.json (not an index built "
-                                   "by retrieval_service.build_index)")
-            name = ("retrieval_service.log" if jax.process_count() == 1
-                    else f"retrieval_service.{jax.process_index()}.log")
-            server = RetrievalServer(index_dir, port=0, log_path=self.local_dir / name)
-            try:
-                server.start()
-            except RuntimeError as error:
-                raise StartupError(f"the retrieval service over {index_dir} did not start: {error}") from None
-            self._stack.callback(server.stop)
-            log.info("retrieval service on %s (log %s)", server.address, server.log_path)
-            addresses = [server.address]
-        self.retrieval = RetrievalClient(addresses, deadline_s=spec.deadline_s, max_attempts=spec.max_attempts,
-                                         backoff_s=spec.backoff_s)
-        self._stack.callback(self.retrieval.close)
-        deadline = time.monotonic() + spec.wait_for_service_s
-        while not self.retrieval.health():
-            if time.monotonic() >= deadline:
-                raise StartupError(
-                    f"retrieval service unreachable at start-up: no healthy answer from {', '.join(addresses)} "
-                    f"(RetrievalSpec.addresses; waited {spec.wait_for_service_s:.0f}s, deadline "
-                    f"{spec.deadline_s}s per call)")
-            time.sleep(1.0)
 
     # ----- model -----------------------------------------------------------------------------------------------
     def _load_model(self) -> None:
@@ -200,76 +146,49 @@ class TrainingSession:
             if self.demo_paths is None:
                 raise StartupError("ModelSpec.checkpoint is None (make a tiny model) but there is no demo corpus to "
                                    "train its tokenizer on; use DataSpec.demo = True or give a checkpoint")
-            examples = [src[i] for src in self.train_sources for i in range(len(src))]
+            examples = self.qa.train_examples()
             corpus = self.demo_paths["corpus"]
-            texts = bootstrap.tokenizer_texts(corpus, [ex.question for ex in examples])
-            local, published = self.local_dir / "tiny_model", self.run_dir / "tiny_model"
-            remote = run_files.is_remote(self.run_dir)
-            with multihost.process_zero_first("tiny model"):
-                if remote:
-                    bootstrap.fetch(published, local)  # the run's own initial weights, wherever it restarts
-                self.model_dir = bootstrap.tiny_checkpoint(
-                    local, preset=spec.tiny_preset, texts=texts, seed=exp.seed,
-                    warmup=self._format_warmup(examples, corpus) if spec.tiny_format_warmup_steps else None)
-                if remote and jax.process_index() == 0:
-                    bootstrap.publish(local, published)
+            model_dir = tiny_model_dir(
+                spec, run_dir=self.run_dir, local_dir=self.local_dir, seed=exp.seed,
+                texts=bootstrap.tokenizer_texts(corpus, [ex.question for ex in examples]),
+                warmup=self._format_warmup(examples, corpus) if spec.tiny_format_warmup_steps else None)
         else:
-            self.model_dir = pathlib.Path(spec.checkpoint)
-        try:
-            self.tokenizer = load_tokenizer(spec.tokenizer or self.model_dir)
-            self.cfg = Qwen2Config.from_hf(self.model_dir, dtype=spec.dtype, param_dtype=spec.param_dtype,
-                                           remat=spec.remat)
-        except (OSError, ValueError) as error:
-            raise StartupError(f"ModelSpec.checkpoint / tokenizer: {error}") from None
-        if spec.expect_preset is not None:
-            expected = PRESETS[spec.expect_preset]
-            fields = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
-            wrong = {f: (getattr(self.cfg, f), getattr(expected, f)) for f in fields
-                     if getattr(self.cfg, f) != getattr(expected, f)}
-            if wrong:
-                raise StartupError(f"{self.model_dir}/config.json is not a Qwen2.5-{spec.expect_preset} "
-                                   f"(ModelSpec.expect_preset): (found, expected) {wrong}")
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            model_dir = spec.checkpoint
+        mesh, rules = make_mesh(exp.mesh)
+        self.policy = open_policy(spec, model_dir, mesh, rules)
+        policy = self.policy
+        self.model_dir, self.tokenizer, self.cfg = policy.model_dir, policy.tokenizer, policy.cfg
+        self.mesh, self.rules, self.abstract_model = policy.mesh, policy.rules, policy.abstract_model
+        self.abstract_params, self.pad_id = policy.abstract_params, policy.pad_id
         self.max_context = exp.rollout.agent.max_context_tokens
 
-        mesh_spec = exp.mesh
-        devices = jax.devices()[: mesh_spec.num_devices] if mesh_spec.num_devices else None
-        self.mesh = sharding.make_mesh(mesh_spec.data, mesh_spec.fsdp, mesh_spec.tensor, devices=devices)
-        self.rules = sharding.normalize_rules(mesh_spec.rules or None, self.mesh)
         trajectories = exp.prompts_per_step // jax.process_count() * exp.samples_per_prompt
         mini = trajectories // exp.update.mini_batches
         micro = exp.update.micro_batch_size or mini
         if mini % micro:
             raise StartupError(f"UpdateSpec.micro_batch_size={micro} does not divide the {mini} trajectories each of "
                                f"the {jax.process_count()} processes holds per mini-batch")
-        self.abstract_model = nnx.eval_shape(lambda: Qwen2ForCausalLM(self.cfg, rngs=nnx.Rngs(0)))
-        graphdef, abstract_state = nnx.split(self.abstract_model)
-        shardings = sharding.state_shardings(abstract_state, self.mesh, self.rules)
-        self.abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                            abstract_state, shardings)
         # One process: the engine samples from the trainer's own arrays. Several: each process's engine runs on
         # its local devices, from a per-host copy gathered after every update.
         self.host_replicas = None
         if jax.process_count() > 1:
+            _, abstract_state = nnx.split(policy.abstract_model)
             try:
-                self.host_replicas = multihost.HostReplicas(abstract_state, tensor=mesh_spec.tensor,
-                                                            rules=mesh_spec.rules or None)
+                self.host_replicas = multihost.HostReplicas(abstract_state, tensor=exp.mesh.tensor,
+                                                            rules=exp.mesh.rules or None)
             except ValueError as error:
                 raise StartupError(f"MeshSpec.tensor / rules on each host's {jax.local_device_count()} devices: "
                                    f"{error}") from None
         total_updates = exp.num_steps * exp.update.mini_batches * exp.update.epochs
         try:
             self.update = PolicyUpdate(
-                graphdef, self.abstract_params, optimizer=make_optimizer(exp.optimizer, total_updates),
+                policy.graphdef, self.abstract_params, optimizer=make_optimizer(exp.optimizer, total_updates),
                 schedule=learning_rate_schedule(exp.optimizer, total_updates), loss_config=exp.loss,
                 mesh=self.mesh, rules=self.rules, micro_batch_size=micro,
                 logprob_chunk_size=spec.logprob_chunk_size)
         except ValueError as error:
             raise StartupError(f"UpdateSpec / MeshSpec: {error}") from None
-        self.reference_params = None
-        if self.update.uses_reference:
-            _, reference = self._load_weights()
-            self.reference_params = nnx.state(reference)
+        self.reference_params = nnx.state(policy.load()) if self.update.uses_reference else None
 
     def _format_warmup(self, examples, corpus):
         from tspo_jax.training import format_warmup
@@ -286,14 +205,6 @@ class TrainingSession:
 
         return warm_up
 
-    def _load_weights(self):
-        spec = self.exp.model
-        try:
-            return load_hf_checkpoint(self.model_dir, mesh=self.mesh, rules=self.rules, dtype=spec.dtype,
-                                      param_dtype=spec.param_dtype, remat=spec.remat)
-        except (OSError, ValueError) as error:
-            raise StartupError(f"ModelSpec.checkpoint: {error}") from None
-
     # ----- checkpoint ------------------------------------------------------------------------------------------
     def _abstract_state(self) -> dict:
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -309,8 +220,7 @@ class TrainingSession:
         except CheckpointError as error:
             raise StartupError(str(error)) from None
         if restored is None:
-            _, model = self._load_weights()
-            self.params = nnx.state(model)
+            self.params = nnx.state(self.policy.load())
             self.opt_state = self.update.init_optimizer(self.params)
             self.rng = np.asarray(jax.random.key_data(jax.random.key(self.exp.seed)))
             self.start_step = 0
@@ -335,20 +245,14 @@ class TrainingSession:
     # ----- rollouts --------------------------------------------------------------------------------------------
     def _build_agents(self) -> None:
         exp = self.exp
-        stop_table = compile_stop_table(STOP_STRINGS, token_bytes(self.tokenizer, self.cfg.vocab_size))
         mesh, rules = ((self.host_replicas.mesh, self.host_replicas.rules) if self.host_replicas
                        else (self.mesh, self.rules))
-        shards = batch_shards(mesh, rules)
         local = exp.prompts_per_step // jax.process_count() * exp.samples_per_prompt
-        slots = exp.rollout.slots or local
-        slots = -(-slots // shards) * shards  # every device of the batch axes gets the same number of slots
-        retrieve = client_retriever(self.retrieval, exp.retrieval.top_k)
+        slots = engine_slots(exp.rollout.slots or local, mesh, rules)
 
         def agent(sampling: SamplingConfig) -> SearchAgent:
-            engine = Engine(self.abstract_model, max_concurrent_decodes=slots,
-                            max_cache_len=exp.rollout.agent.max_context_tokens, stop_table=stop_table,
-                            eos_ids=stop_token_ids(self.tokenizer), sampling=sampling, mesh=mesh, rules=rules)
-            return SearchAgent(engine, self.tokenizer, retrieve, exp.rollout.agent)
+            return build_agent(self.policy, exp.rollout, self.retrieval, top_k=exp.retrieval.top_k, slots=slots,
+                               sampling=sampling, mesh=mesh, rules=rules)
 
         self.agent = agent(exp.rollout.sampling)
         self.engine = self.agent.engine
@@ -363,17 +267,8 @@ class TrainingSession:
         return engine.load_params(params)
 
     def rollout_prompts(self, examples) -> list[RolloutPrompt]:
-        """Tokenized prompts; the group id is the example's uid (unique within the step: the data pipeline gives
-        a prompt drawn twice in one batch a second uid)."""
-        prompts = []
-        for example in examples:
-            if self.exp.data.use_dataset_prompt and example.prompt_messages:
-                messages = [{"role": role, "content": content} for role, content in example.prompt_messages]
-            else:
-                messages = build_prompt_messages(example.question, self.exp.rollout.prompt_template)
-            prompts.append(RolloutPrompt(group_id=example.uid, prompt_tokens=encode_chat(self.tokenizer, messages),
-                                         golds=list(example.golds)))
-        return prompts
+        return rollout_prompts(self.tokenizer, examples, template=self.exp.rollout.prompt_template,
+                               use_dataset_prompt=self.exp.data.use_dataset_prompt)
 
     def next_seeds(self) -> tuple[int, int]:
         """(rollout seed, mini-batch order seed) for this step, advancing the run's checkpointed RNG."""
@@ -436,33 +331,23 @@ class TrainingSession:
         return out
 
     # ----- eval, metrics, shutdown -----------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
-        """Greedy EM per data_source on the eval files (one sample per prompt)."""
+    def evaluate(self) -> tuple[dict[str, float], list[dict]]:
+        """Greedy EM per data_source on the eval files (one sample per prompt); returns the metrics (combined over
+        processes) and this process's per-example records (training.evaluation.trajectory_record)."""
         params = self.sampler_params(self.eval_agent.engine)
-        hits: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
-        started = time.perf_counter()
-        for examples in eval_batches(self.eval_sources, batch_size=self.eval_batch_size,
-                                     process_index=jax.process_index(), process_count=jax.process_count(),
-                                     limit_per_source=self.exp.data.eval_limit_per_source):
-            trajectories, _ = self.eval_agent.rollout(params, self.rollout_prompts(examples), 1, seed=0)
-            scores = score_trajectories([t.turn_texts for t in trajectories], [t.observations for t in trajectories],
-                                        [t.golds for t in trajectories], config=self.exp.scoring)
-            for example, correct in zip(examples, scores.correct):
-                hits[example.data_source][0] += float(correct)
-                hits[example.data_source][1] += 1.0
+        batches = eval_batches(self.eval_sources, batch_size=self.eval_batch_size, process_index=jax.process_index(),
+                               process_count=jax.process_count(), limit_per_source=self.exp.data.eval_limit_per_source)
+        result = greedy_eval(self.eval_agent, params, batches, prompts=self.rollout_prompts, scoring=self.exp.scoring)
         # Each process scored its own shard, which need not hold every data_source of a mixed file.
         merged: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
-        for process_hits in multihost.gather_json(dict(hits)):
+        for process_hits in multihost.gather_json(result.per_source):
             for source, (correct, count) in process_hits.items():
                 merged[source][0] += correct
                 merged[source][1] += count
-        sources = sorted(merged)
-        totals = np.array([merged[s] for s in sources], np.float64)
-        out = {names.eval_em_name(s): float(totals[i, 0] / totals[i, 1]) for i, s in enumerate(sources)}
-        out["eval/em"] = float(totals[:, 0].sum() / totals[:, 1].sum())
-        out["time/eval"] = time.perf_counter() - started
+        result.per_source = dict(merged)
+        out = result.metrics()
         log.info("eval: %s", ", ".join(f"{k} {v:.3f}" for k, v in out.items() if k.endswith("/em")))
-        return out
+        return out, result.records
 
     def stop_requested(self) -> bool:
         """SIGTERM reached any process (every process asks after each step, so all stop after the same one)."""
