@@ -132,12 +132,53 @@ class _Live:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Observation:
+class Observation:
     """Observation tokens: head and tail are kept whole; only the body (retrieved text) is ever cut."""
 
     head: list[int]
     body: list[int] = dataclasses.field(default_factory=list)
     tail: list[int] = dataclasses.field(default_factory=list)
+
+
+class ObservationCodec:
+    """The agent's observation texts as token ids (encoded once) and the one rule that assembles an observation:
+    shared by the agent loop and by `tspo_jax.rollout.render` (SFT demonstrations), so a demonstrated
+    trajectory renders to exactly the tokens a rollout would have produced."""
+
+    def __init__(self, tokenizer, config: AgentConfig):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.open, self.close = self.encode(texts.OBSERVATION_OPEN), self.encode(texts.OBSERVATION_CLOSE)
+        self.invalid = self.encode(config.invalid_action_text)
+        self.failed = self.encode(config.search_failed_text)
+        self.final = self.encode(config.final_turn_text)
+        longest_fixed = max(len(self.open) + len(self.close), len(self.invalid), len(self.failed))
+        if longest_fixed + len(self.final) > config.max_obs_tokens:
+            raise ValueError(f"AgentConfig.max_obs_tokens={config.max_obs_tokens} cannot hold the fixed observation "
+                             f"texts ({longest_fixed + len(self.final)} tokens with the final-turn notice)")
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def documents(self, documents: Sequence[texts.Document]) -> Observation:
+        """`\n\n<information>Doc 1(Title: t) text\n…</information>\n\n` (SPEC §2)."""
+        return Observation(head=self.open, body=self.encode(texts.format_documents(documents)), tail=self.close)
+
+    def invalid_action(self) -> Observation:
+        return Observation(head=self.invalid)
+
+    def search_failed(self) -> Observation:
+        return Observation(head=self.failed)
+
+    def assemble(self, observation: Observation, *, final_turn: bool, room: int) -> list[int] | None:
+        """The observation's tokens, with the final-turn notice when the next turn is the last, its body cut to
+        fit max_obs_tokens and `room` context tokens; None when not even its fixed texts fit."""
+        tail = observation.tail + self.final if final_turn else observation.tail
+        fixed = len(observation.head) + len(tail)
+        body_room = min(self.config.max_obs_tokens, room) - fixed
+        if body_room < 0:
+            return None
+        return observation.head + observation.body[:body_room] + tail
 
 
 def trajectory_seed(seed: int, group_id: str, sample_index: int) -> int:
@@ -181,18 +222,7 @@ class SearchAgent:
         self.config = config
         self.retrieval_errors = tuple(retrieval_errors)
         self._bytes = token_bytes(tokenizer, engine.vocab_size)
-        encode = self._encode
-        self._obs_open, self._obs_close = encode(texts.OBSERVATION_OPEN), encode(texts.OBSERVATION_CLOSE)
-        self._invalid = encode(config.invalid_action_text)
-        self._failed = encode(config.search_failed_text)
-        self._final = encode(config.final_turn_text)
-        longest_fixed = max(len(self._obs_open) + len(self._obs_close), len(self._invalid), len(self._failed))
-        if longest_fixed + len(self._final) > config.max_obs_tokens:
-            raise ValueError(f"AgentConfig.max_obs_tokens={config.max_obs_tokens} cannot hold the fixed observation "
-                             f"texts ({longest_fixed + len(self._final)} tokens with the final-turn notice)")
-
-    def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        self.observations = ObservationCodec(tokenizer, config)
 
     # --- the loop -----------------------------------------------------------------------------------------
 
@@ -288,7 +318,7 @@ class SearchAgent:
         """
         cfg = self.config
         searches: dict[int, str] = {}
-        observations: dict[int, _Observation] = {}
+        observations: dict[int, Observation] = {}
         for slot, traj in ended.items():
             turn_tokens = traj.tokens[traj.turn_start:]
             text = tokens_to_text(self._bytes, turn_tokens)
@@ -310,7 +340,7 @@ class SearchAgent:
                 metrics.valid_actions += 1
                 searches[slot] = query[: cfg.max_query_chars]
             else:
-                observations[slot] = _Observation(head=self._invalid)
+                observations[slot] = self.observations.invalid_action()
         if searches:
             observations.update(self._search(searches, ended, metrics))
         nexts: dict[int, tuple[int, list[int], bool, int, int] | None] = {
@@ -320,7 +350,7 @@ class SearchAgent:
         return nexts
 
     def _search(self, queries: dict[int, str], trajectories: dict[int, _Live], metrics: RolloutMetrics
-                ) -> dict[int, _Observation]:
+                ) -> dict[int, Observation]:
         """One batched retrieval call for every query of this round -> the observation of each slot."""
         slots = list(queries)
         for slot in slots:
@@ -337,28 +367,24 @@ class SearchAgent:
             metrics.failed_searches += len(slots)
             for slot in slots:
                 trajectories[slot].search_failures += 1
-            return {slot: _Observation(head=self._failed) for slot in slots}
+            return {slot: self.observations.search_failed() for slot in slots}
         finally:
             metrics.retrieval_s += time.perf_counter() - tick
         for slot, docs in zip(slots, results):
             trajectories[slot].retrieved_titles[-1] = [doc.title for doc in docs]
-        return {slot: _Observation(head=self._obs_open, body=self._encode(texts.format_documents(docs)),
-                                   tail=self._obs_close) for slot, docs in zip(slots, results)}
+        return {slot: self.observations.documents(docs) for slot, docs in zip(slots, results)}
 
-    def _continue(self, slot: int, traj: _Live, observation: _Observation):
+    def _continue(self, slot: int, traj: _Live, observation: Observation):
         """Append the observation (plus the final-turn notice when due) and start the next turn; or end the
         trajectory ("context") when the context cannot take the observation and one more token."""
         cfg = self.config
-        tail = observation.tail
         if len(traj.turn_texts) >= cfg.max_turns:
-            tail = tail + self._final
             traj.final_turn = True
-        fixed = len(observation.head) + len(tail)
-        room = min(cfg.max_obs_tokens, cfg.max_context_tokens - len(traj.tokens) - 1) - fixed
-        if room < 0:
+        tokens = self.observations.assemble(observation, final_turn=traj.final_turn,
+                                            room=cfg.max_context_tokens - len(traj.tokens) - 1)
+        if tokens is None:
             traj.stop_reason = STOP_CONTEXT
             return None
-        tokens = observation.head + observation.body[:room] + tail
         traj.observations[-1] = tokens_to_text(self._bytes, tokens)
         pending = traj.tokens[-1]  # sampled last, not yet in the slot's cache
         traj.tokens.extend(tokens)
