@@ -27,7 +27,8 @@ def _experiment(*argv):
 
 def test_the_main_job_config_builds_with_nothing_to_fill_in():
     exp = _experiment(f"--gin_file={TINY}")
-    assert exp.run_dir == "runs/tiny_cpu" and exp.data.demo and exp.model.checkpoint is None
+    assert exp.run_dir == "runs/tiny_cpu" and exp.data.demo
+    assert exp.model.checkpoint == "tspo_jax/data/demo_policy"  # the shipped SFT warm start
     assert exp.algorithm.name == "tspo"
     assert exp.loss.kl == "low_var_kl" and exp.loss.kl_coef == 0.001
 

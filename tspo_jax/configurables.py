@@ -14,6 +14,7 @@ from __future__ import annotations
 import gin
 
 from tspo_jax.algorithms import advantages, loss
+from tspo_jax.data import demo, demonstrations
 from tspo_jax import rewards
 from tspo_jax.rollout import agent, sampling
 from tspo_jax.training import advantages as training_advantages
@@ -28,6 +29,7 @@ def _register(target, name: str | None = None):
 
 # The run and its parts (trainer-side dataclasses).
 train = _register(experiment.Experiment, "train")
+sft = _register(experiment.SFTExperiment, "sft")
 ModelSpec = _register(experiment.ModelSpec)
 DataSpec = _register(experiment.DataSpec)
 RetrievalSpec = _register(experiment.RetrievalSpec)
@@ -37,6 +39,11 @@ MeshSpec = _register(experiment.MeshSpec)
 CheckpointSpec = _register(experiment.CheckpointSpec)
 OptimizerSpec = _register(optimizer.OptimizerSpec)
 AlgorithmSpec = _register(training_advantages.AlgorithmSpec)
+
+# The demo world and its demonstrations (DataSpec.demo, sft.demo_demonstrations).
+WorldConfig = _register(demo.WorldConfig)
+DemonstrationConfig = _register(demonstrations.DemonstrationConfig)
+MistakeRates = _register(demonstrations.MistakeRates)
 
 # Library configuration, bound where it is defined.
 AgentConfig = _register(agent.AgentConfig)

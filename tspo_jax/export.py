@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import re
 import sys
 import tempfile
 
@@ -50,15 +51,22 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike | N
         return _export(run_files.run_path(run_dir, what="--run_dir"), out_dir, step, dtype, pathlib.Path(scratch))
 
 
-def _export(run_dir, out_dir, step, dtype, scratch: pathlib.Path) -> pathlib.Path:
-    from tspo_jax.train import load_experiment
+def load_run_experiment(run_dir, scratch: pathlib.Path):
+    """The Experiment (RL, `train.*`) or SFTExperiment (`sft.*`) a run directory's config.gin describes."""
+    from tspo_jax import sft, train
 
     config = run_dir / "config.gin"
     if not config.is_file():
-        raise FileNotFoundError(f"{config} not found: is {run_dir} a training run directory?")
+        raise FileNotFoundError(f"{config} not found: is {run_dir} a training or SFT run directory?")
+    text = config.read_text()
     local_config = scratch / "config.gin"  # gin reads local files only
-    local_config.write_text(config.read_text())
-    experiment = load_experiment(gin_config.GinFlags(files=[str(local_config)]))
+    local_config.write_text(text)
+    load = sft.load_experiment if re.search(r"^sft\.", text, re.MULTILINE) else train.load_experiment
+    return load(gin_config.GinFlags(files=[str(local_config)]))
+
+
+def _export(run_dir, out_dir, step, dtype, scratch: pathlib.Path) -> pathlib.Path:
+    experiment = load_run_experiment(run_dir, scratch)
     checkpoints = RunCheckpoints(experiment.checkpoints.directory or run_dir / "checkpoints", save_every=1)
     steps = checkpoints.steps()
     if not steps:
@@ -85,7 +93,7 @@ def _export(run_dir, out_dir, step, dtype, scratch: pathlib.Path) -> pathlib.Pat
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tspo_jax.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run_dir", required=True, help="the training run directory (holds config.gin)")
+    parser.add_argument("--run_dir", required=True, help="the RL or SFT run directory (holds config.gin)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/export/step_N)")
     parser.add_argument("--dtype", default=None, help="tensor dtype on disk (default: the params' dtype)")

@@ -88,7 +88,8 @@ class ProgressLine:
         eta = (self.total_steps - step) / rate if rate > 0 else math.inf
         parts = [f"step {step}/{self.total_steps}", f"{rate:.3g} step/s", f"ETA {_duration(eta)}"]
         for label, name in (("reward", REWARD), ("em", EM), ("folr", FOLR_HIT_RATE),
-                            ("nonzero-adv", GROUPS_NONZERO_ADVANTAGE), ("loss", POLICY_LOSS), ("kl", KL)):
+                            ("nonzero-adv", GROUPS_NONZERO_ADVANTAGE), ("loss", POLICY_LOSS), ("kl", KL),
+                            ("nll", "sft/nll"), ("eval-em", "eval/em")):
             if name in metrics:
                 parts.append(f"{label} {metrics[name]:.4g}")
         print(" | ".join(parts), file=self._stream, flush=True)
@@ -157,6 +158,12 @@ class MetricsLog:
             for name, value in row.items():
                 if name != "step" and value is not None and math.isfinite(value):
                     self._tb.add_scalar(name, value, global_step=step)
+
+    def rows(self) -> list[dict]:
+        """Every row logged so far (this run's and, on resume, the kept earlier ones), as dicts."""
+        if self._jsonl is not None:
+            self._jsonl.flush()
+        return [json.loads(line) for line in self.jsonl_path.read_text().splitlines() if line.strip()]
 
     def close(self) -> None:
         if self._jsonl is not None:

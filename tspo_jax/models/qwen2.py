@@ -123,6 +123,9 @@ class Qwen2Config:
 PRESETS: dict[str, Qwen2Config] = {
     "tiny": Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=16, rope_theta=10_000.0, max_position_embeddings=2048),
+    # The demo world's policy (tspo_jax.data.demo): its tokenizer has every demo word as one token.
+    "demo": Qwen2Config(vocab_size=2048, hidden_size=96, intermediate_size=384, num_layers=3, num_heads=4,
+                        num_kv_heads=2, head_dim=24, rope_theta=10_000.0, max_position_embeddings=2048),
     "0.5b": Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
                         num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
     "1.5b": Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,

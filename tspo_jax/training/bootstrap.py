@@ -18,7 +18,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +66,24 @@ def _mark_complete(directory: pathlib.Path, **facts) -> None:
     (directory / _DONE).write_text(json.dumps(facts, sort_keys=True) + "\n")
 
 
-def demo_data(directory: str | pathlib.Path, *, seed: int = 0) -> dict[str, pathlib.Path]:
-    """The bundled demo world (corpus.jsonl, train.parquet, test.parquet) in `directory`."""
-    from tspo_jax.data.demo import write_demo_data
+def demo_data(directory: str | pathlib.Path, *, seed: int = 0, train_world=None, test_world=None
+              ) -> dict[str, pathlib.Path]:
+    """The bundled demo world (corpus.jsonl, train.parquet, test.parquet) in `directory`, drawn with WorldConfigs
+    `train_world` / `test_world` (None = tspo_jax.data.demo's defaults); rewritten when those change."""
+    from tspo_jax.data.demo import make_demo_data, write_demo_data
 
     directory = pathlib.Path(directory)
     paths = {"corpus": directory / "corpus.jsonl", "train": directory / "train.parquet",
              "test": directory / "test.parquet"}
-    if not is_complete(directory):
+    configs = {k: v for k, v in (("train", train_world), ("test", test_world)) if v is not None}
+    defaults = make_demo_data.__kwdefaults__
+    facts = {"seed": seed, "train_world": repr(configs.get("train", defaults["train"])),
+             "test_world": repr(configs.get("test", defaults["test"]))}
+    done = directory / _DONE
+    if not (done.exists() and json.loads(done.read_text()) == facts):
         log.info("writing the demo data to %s", directory)
-        write_demo_data(directory, fmt="parquet", seed=seed)
-        _mark_complete(directory, seed=seed)
+        write_demo_data(directory, fmt="parquet", seed=seed, **configs)
+        _mark_complete(directory, **facts)
     return paths
 
 
@@ -97,6 +103,43 @@ def retrieval_index(corpus: str | pathlib.Path, directory: str | pathlib.Path, *
     return directory
 
 
+DEMO_VOCAB_SIZE = 2048  # the demo tokenizer's ids fit a model vocabulary of this size
+
+
+def demo_tokenizer_texts() -> list[str]:
+    """What the demo tokenizer learns from: every word of every demo world, question and demonstration
+    (tspo_jax.data.demo.vocabulary_texts), often enough that each becomes one token."""
+    from tspo_jax.data.demo import vocabulary_texts
+
+    return vocabulary_texts() * 50
+
+
+def demo_tokenizer(directory: str | pathlib.Path) -> pathlib.Path:
+    """The demo world's tokenizer: byte-level BPE (Qwen2.5's pipeline) in which every demo word is one token,
+    so an entity name costs a token per word. Deterministic: the same files on every machine. (A tiny model
+    made with a preset of DEMO_VOCAB_SIZE ids gets exactly this tokenizer.)"""
+    from tspo_jax.rollout.tokenizer import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(demo_tokenizer_texts(), directory, vocab_size=DEMO_VOCAB_SIZE)
+
+
+def demo_demonstrations(path: str | pathlib.Path, *, count: int, seed: int, config) -> pathlib.Path:
+    """`count` demonstrated trajectories of the demo world drawn with DemonstrationConfig `config`, in `path`;
+    written once per (count, seed, config) (a file from an interrupted or different attempt is rewritten)."""
+    from tspo_jax.data.demonstrations import write_demonstrations
+
+    path = pathlib.Path(path)
+    marker = path.with_suffix(".complete")
+    expected = json.dumps({"count": count, "seed": seed, "config": repr(config)})
+    if path.exists() and marker.exists() and marker.read_text() == expected:
+        return path
+    log.info("writing %d demo demonstrations to %s", count, path)
+    marker.unlink(missing_ok=True)
+    write_demonstrations(path, count, seed=seed, config=config)
+    marker.write_text(expected)
+    return path
+
+
 def tokenizer_texts(corpus: str | pathlib.Path, questions: list[str]) -> list[str]:
     """What the tiny tokenizer learns its merges from: the corpus, the questions and the agent's own texts."""
     from tspo_jax.rollout import prompts
@@ -109,12 +152,9 @@ def tokenizer_texts(corpus: str | pathlib.Path, questions: list[str]) -> list[st
     return documents + questions + agent_texts * 50
 
 
-def tiny_checkpoint(directory: str | pathlib.Path, *, preset: str, texts: list[str], seed: int,
-                    warmup: Callable | None = None) -> pathlib.Path:
-    """A random-init Qwen2 `preset` ("tiny") and a tokenizer of the same vocabulary size, as an HF directory.
-
-    warmup(model, tokenizer), if given, trains the fresh model in place before it is exported (the format
-    warm-up of tspo_jax.training.format_warmup)."""
+def tiny_checkpoint(directory: str | pathlib.Path, *, preset: str, texts: list[str], seed: int) -> pathlib.Path:
+    """A random-init Qwen2 `preset` ("tiny", "demo") and a tokenizer of the same vocabulary size trained on
+    `texts`, as an HF directory."""
     import jax
     from flax import nnx
 
@@ -136,8 +176,6 @@ def tiny_checkpoint(directory: str | pathlib.Path, *, preset: str, texts: list[s
         raise RuntimeError(f"the tiny tokenizer has {vocabulary} ids but the {preset} model only {cfg.vocab_size}")
     with jax.default_device(jax.local_devices()[0]):  # on a pod, devices()[0] may be another host's
         model = Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(seed))
-        if warmup is not None:
-            warmup(model, load_tokenizer(directory))
     export_hf_checkpoint(model, cfg, directory)
-    _mark_complete(directory, preset=preset, seed=seed, vocab_size=cfg.vocab_size, warmed_up=warmup is not None)
+    _mark_complete(directory, preset=preset, seed=seed, vocab_size=cfg.vocab_size)
     return directory

@@ -12,6 +12,8 @@ from typing import Literal
 
 from tspo_jax import run_files
 from tspo_jax.algorithms.loss import LossConfig
+from tspo_jax.data.demo import WorldConfig
+from tspo_jax.data.demonstrations import DemonstrationConfig
 from tspo_jax.models.qwen2 import PRESETS
 from tspo_jax.rewards import ScoringConfig
 from tspo_jax.rollout.agent import AgentConfig
@@ -32,20 +34,18 @@ class ModelSpec:
     """The policy (and, frozen, the reference model).
 
     checkpoint: a Hugging Face Qwen2/Qwen2.5 directory (config.json + *.safetensors). None: the run makes a tiny
-      random one (`tiny_preset`, our own init, exported with our HF exporter) in `<run_dir>/tiny_model`.
+      random one (`tiny_preset`, our own init, exported with our HF exporter) with the demo world's tokenizer
+      (training.bootstrap.demo_tokenizer) in `<run_dir>/tiny_model`.
     tokenizer: a Hugging Face tokenizer directory; None: the checkpoint directory.
     dtype / param_dtype: compute and storage dtypes ("bfloat16" compute on TPU, fp32 parameters).
     remat: recompute each block in the backward pass. logprob_chunk_size: positions per vocabulary block.
     expect_preset: when set ("3b", "7b", …), the checkpoint's config must have that preset's shape.
-    tiny_format_warmup_steps: supervised steps teaching the fresh tiny model the search/answer format on
-      demonstrations from the demo world (0 = none; tspo_jax.training.format_warmup explains why).
     """
 
     checkpoint: str | None = None
     tokenizer: str | None = None
-    tiny_preset: str = "tiny"
+    tiny_preset: str = "demo"
     expect_preset: str | None = None
-    tiny_format_warmup_steps: int = 0
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
@@ -56,8 +56,6 @@ class ModelSpec:
             raise ValueError("ModelSpec.tokenizer is set but ModelSpec.checkpoint is not: the tiny model makes "
                              "its own tokenizer; give both or neither")
         _positive("ModelSpec", logprob_chunk_size=self.logprob_chunk_size)
-        if self.tiny_format_warmup_steps < 0:
-            raise ValueError(f"ModelSpec.tiny_format_warmup_steps must be >= 0, got {self.tiny_format_warmup_steps}")
         for name in ("tiny_preset", "expect_preset"):
             value = getattr(self, name)
             if value is not None and value not in PRESETS:
@@ -74,6 +72,9 @@ class DataSpec:
     train_files: tuple[str, ...] = ()
     eval_files: tuple[str, ...] = ()
     demo: bool = False
+    demo_train_world: WorldConfig | None = None
+    demo_test_world: WorldConfig | None = None
+    demo_seed: int = 0
     use_dataset_prompt: bool = False
     eval_limit_per_source: int | None = None
 
@@ -82,8 +83,6 @@ class DataSpec:
         object.__setattr__(self, "eval_files", tuple(self.eval_files))
         if self.demo and (self.train_files or self.eval_files):
             raise ValueError("DataSpec.demo = True makes its own files; leave DataSpec.train_files/eval_files empty")
-        if not self.demo and not self.train_files:
-            raise ValueError("DataSpec.train_files is empty (or set DataSpec.demo = True for the bundled demo data)")
         if self.eval_limit_per_source is not None:
             _positive("DataSpec", eval_limit_per_source=self.eval_limit_per_source)
 
@@ -239,6 +238,8 @@ class Experiment:
                   samples_per_prompt=self.samples_per_prompt)
         if self.eval_every < 0:
             raise ValueError(f"train.eval_every must be >= 0, got {self.eval_every}")
+        if not self.data.demo and not self.data.train_files:
+            raise ValueError("DataSpec.train_files is empty (or set DataSpec.demo = True for the bundled demo data)")
         if not (self.data.demo or self.retrieval.addresses or self.retrieval.index_dir):
             raise ValueError("no retrieval service: set RetrievalSpec.addresses (running services) or "
                              "RetrievalSpec.index_dir (an index to serve)")
@@ -262,6 +263,77 @@ class Experiment:
             if self.checkpoints.directory:
                 run_files.check_supported(self.checkpoints.directory, what="CheckpointSpec.directory")
             for what, url in local:
+                run_files.require_local(url, what=what)
+        except run_files.RunFilesError as error:
+            raise ValueError(str(error)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTExperiment:
+    """A supervised warm start (gin name `sft`; `python -m tspo_jax.sft`): next-token cross-entropy on the
+    policy's own tokens of demonstrated trajectories (SPEC §9), rendered with the same tokenizer, prompt
+    template, agent limits and loss mask as the RL run it prepares, so its checkpoint is an RL starting point.
+
+    run_dir: checkpoints, metrics.jsonl, tensorboard/, configs and the final HF export (`<run_dir>/hf`, a valid
+      `ModelSpec.checkpoint` of an RL run). train_files: demonstration JSONL files (tspo_jax.data.trajectories).
+      demo_demonstrations: with no train_files, write this many demonstrations of the demo world (drawn with
+      `demonstrations`, a DemonstrationConfig) to `<local_dir>/demonstrations.jsonl` and train on them.
+    num_steps: optimizer steps. batch_size: demonstrations per step (global). micro_batch_size: per forward/
+      backward pass, per process (None = the whole batch). min_sequence_length: rows are padded to a power of
+      two at least this long.
+    eval_every: greedy evaluation with the RL agent every this many steps and after the last (0 = never), on
+      `eval_data` (a DataSpec: its eval files, or the demo world's test split) against `retrieval`.
+    """
+
+    run_dir: str
+    num_steps: int
+    batch_size: int
+    train_files: tuple[str, ...] = ()
+    demo_demonstrations: int = 0
+    demonstrations: DemonstrationConfig = DemonstrationConfig()
+    seed: int = 0
+    model: ModelSpec = ModelSpec()
+    rollout: RolloutSpec = RolloutSpec()
+    optimizer: OptimizerSpec = OptimizerSpec()
+    mesh: MeshSpec = MeshSpec()
+    checkpoints: CheckpointSpec = CheckpointSpec()
+    micro_batch_size: int | None = None
+    min_sequence_length: int = 128
+    eval_every: int = 0
+    eval_at_start: bool = False
+    eval_data: DataSpec | None = None
+    retrieval: RetrievalSpec = RetrievalSpec()
+    scoring: ScoringConfig = ScoringConfig()
+    local_dir: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "train_files", tuple(self.train_files))
+        if not isinstance(self.run_dir, str) or not self.run_dir:
+            raise ValueError(f"sft.run_dir must be a non-empty path, got {self.run_dir!r}")
+        _positive("sft", num_steps=self.num_steps, batch_size=self.batch_size,
+                  min_sequence_length=self.min_sequence_length)
+        if bool(self.train_files) == bool(self.demo_demonstrations):
+            raise ValueError("set exactly one of sft.train_files (demonstration JSONL files) and "
+                             "sft.demo_demonstrations (write that many demo-world demonstrations)")
+        if self.demo_demonstrations < 0:
+            raise ValueError(f"sft.demo_demonstrations must be >= 0, got {self.demo_demonstrations}")
+        if self.micro_batch_size is not None:
+            _positive("sft", micro_batch_size=self.micro_batch_size)
+            if self.batch_size % self.micro_batch_size:
+                raise ValueError(f"sft.micro_batch_size={self.micro_batch_size} does not divide sft.batch_size="
+                                 f"{self.batch_size}")
+        if self.eval_every < 0:
+            raise ValueError(f"sft.eval_every must be >= 0, got {self.eval_every}")
+        if (self.eval_every or self.eval_at_start) and self.eval_data is None:
+            raise ValueError("sft.eval_every / eval_at_start need sft.eval_data (a DataSpec with eval files or "
+                             "DataSpec.demo = True)")
+        if self.eval_data is not None and not (self.eval_data.demo or self.eval_data.eval_files):
+            raise ValueError("sft.eval_data has no eval files (DataSpec.eval_files, or DataSpec.demo = True)")
+        try:
+            run_files.check_supported(self.run_dir, what="sft.run_dir (RUN_DIR)")
+            for what, url in [("ModelSpec.checkpoint", self.model.checkpoint), ("sft.local_dir", self.local_dir),
+                              ("RetrievalSpec.index_dir", self.retrieval.index_dir)] + [
+                    ("sft.train_files", f) for f in self.train_files]:
                 run_files.require_local(url, what=what)
         except run_files.RunFilesError as error:
             raise ValueError(str(error)) from None

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import gin
 
-# `include 'configs/models/tiny.gin'` works from any working directory: the repository root is a search path.
+# `include 'configs/models/demo.gin'` works from any working directory: the repository root is a search path.
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_SEARCH_PATHS = (".", str(REPO_ROOT))
 

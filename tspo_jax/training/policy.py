@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-from collections.abc import Callable
 
 import jax
 from flax import nnx
@@ -91,11 +90,10 @@ def open_policy(spec, model_dir: str | pathlib.Path, mesh: jax.sharding.Mesh, ru
                        dtype=spec.dtype, param_dtype=spec.param_dtype)
 
 
-def tiny_model_dir(spec, *, run_dir, local_dir: pathlib.Path, texts: list[str], seed: int,
-                   warmup: Callable | None = None) -> pathlib.Path:
+def tiny_model_dir(spec, *, run_dir, local_dir: pathlib.Path, texts: list[str], seed: int) -> pathlib.Path:
     """The run's own tiny random-init model (ModelSpec.checkpoint = None), made once in local_dir/tiny_model.
 
-    texts: what its tokenizer learns from. warmup(model, tokenizer): trains the fresh model before export.
+    texts: what its tokenizer learns from.
     With a gs:// RUN_DIR the model is published there, so every host and any restart uses the same weights.
     """
     local, published = local_dir / "tiny_model", run_dir / "tiny_model"
@@ -103,7 +101,7 @@ def tiny_model_dir(spec, *, run_dir, local_dir: pathlib.Path, texts: list[str], 
     with multihost.process_zero_first("tiny model"):
         if remote:
             bootstrap.fetch(published, local)  # the run's own initial weights, wherever it restarts
-        model_dir = bootstrap.tiny_checkpoint(local, preset=spec.tiny_preset, texts=texts, seed=seed, warmup=warmup)
+        model_dir = bootstrap.tiny_checkpoint(local, preset=spec.tiny_preset, texts=texts, seed=seed)
         if remote and jax.process_index() == 0:
             bootstrap.publish(local, published)
     return model_dir

@@ -24,12 +24,13 @@ class QAData:
         return [source[i] for source in self.train_sources for i in range(len(source))]
 
 
-def open_qa_data(spec, *, local_dir: pathlib.Path, seed: int, require_train: bool = True) -> QAData:
+def open_qa_data(spec, *, local_dir: pathlib.Path, require_train: bool = True) -> QAData:
     """Opens DataSpec `spec`'s files (writing the demo world first when `spec.demo`), failing with a
     StartupError that names the file."""
     if spec.demo:
         with multihost.process_zero_first("demo data"):
-            demo_paths = bootstrap.demo_data(local_dir / "demo_data", seed=seed)
+            demo_paths = bootstrap.demo_data(local_dir / "demo_data", seed=spec.demo_seed,
+                                             train_world=spec.demo_train_world, test_world=spec.demo_test_world)
         train_files, eval_files = [demo_paths["train"]], [demo_paths["test"]]
     else:
         demo_paths = None

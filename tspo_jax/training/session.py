@@ -129,7 +129,7 @@ class TrainingSession:
     # ----- data ------------------------------------------------------------------------------------------------
     def _open_data(self) -> None:
         exp = self.exp
-        qa = open_qa_data(exp.data, local_dir=self.local_dir, seed=exp.seed)
+        qa = open_qa_data(exp.data, local_dir=self.local_dir)
         self.demo_paths, self.train_sources, self.eval_sources = qa.demo_paths, qa.train_sources, qa.eval_sources
         self.qa = qa
         try:
@@ -146,12 +146,8 @@ class TrainingSession:
             if self.demo_paths is None:
                 raise StartupError("ModelSpec.checkpoint is None (make a tiny model) but there is no demo corpus to "
                                    "train its tokenizer on; use DataSpec.demo = True or give a checkpoint")
-            examples = self.qa.train_examples()
-            corpus = self.demo_paths["corpus"]
-            model_dir = tiny_model_dir(
-                spec, run_dir=self.run_dir, local_dir=self.local_dir, seed=exp.seed,
-                texts=bootstrap.tokenizer_texts(corpus, [ex.question for ex in examples]),
-                warmup=self._format_warmup(examples, corpus) if spec.tiny_format_warmup_steps else None)
+            model_dir = tiny_model_dir(spec, run_dir=self.run_dir, local_dir=self.local_dir, seed=exp.seed,
+                                       texts=bootstrap.demo_tokenizer_texts())
         else:
             model_dir = spec.checkpoint
         mesh, rules = make_mesh(exp.mesh)
@@ -189,21 +185,6 @@ class TrainingSession:
         except ValueError as error:
             raise StartupError(f"UpdateSpec / MeshSpec: {error}") from None
         self.reference_params = nnx.state(policy.load()) if self.update.uses_reference else None
-
-    def _format_warmup(self, examples, corpus):
-        from tspo_jax.training import format_warmup
-
-        exp = self.exp
-
-        def warm_up(model, tokenizer):
-            docs = format_warmup.read_corpus(corpus)
-            demos = [format_warmup.demonstration(tokenizer, ex.question, ex.golds, docs,
-                                                 template=exp.rollout.prompt_template, top_k=exp.retrieval.top_k,
-                                                 max_obs_tokens=exp.rollout.agent.max_obs_tokens)
-                     for ex in examples]
-            format_warmup.warm_up(model, demos, steps=exp.model.tiny_format_warmup_steps, seed=exp.seed)
-
-        return warm_up
 
     # ----- checkpoint ------------------------------------------------------------------------------------------
     def _abstract_state(self) -> dict:

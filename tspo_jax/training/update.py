@@ -73,7 +73,7 @@ class PolicyUpdate:
         self.opt_shardings = _moment_shardings(abstract_opt, params, self.param_shardings, replicated)
         self._init_opt = jax.jit(optimizer.init, in_shardings=(self.param_shardings,), out_shardings=self.opt_shardings)
 
-        fields = UPDATE_FIELDS + (("ref_logp",) if self.uses_reference else ())
+        fields = self.fields
         self._log_probs = sharding.sharded_jit(
             self._log_probs_fn, mesh, rules,
             in_shardings=(self.param_shardings, rows, rows, rows), out_shardings=(rows, rows))
@@ -82,6 +82,11 @@ class PolicyUpdate:
             in_shardings=(self.param_shardings, self.opt_shardings, {f: stacked for f in fields}),
             out_shardings=(self.param_shardings, self.opt_shardings, replicated),
             donate_argnums=(0, 1))
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The [rows, T] arrays one update reads."""
+        return UPDATE_FIELDS + (("ref_logp",) if self.uses_reference else ())
 
     # ----- optimizer state ---------------------------------------------------------------------------------
     def init_optimizer(self, params: nnx.State):
@@ -160,7 +165,7 @@ class PolicyUpdate:
 
     def stack_micro_batches(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """[rows, T] -> [rows / micro, micro, T] for every field the update reads."""
-        fields = UPDATE_FIELDS + (("ref_logp",) if self.uses_reference else ())
+        fields = self.fields
         rows = arrays["tokens"].shape[0]
         if rows % self.micro_batch_size:
             raise ValueError(f"a mini-batch of {rows} rows is not a multiple of micro_batch_size={self.micro_batch_size}")
@@ -176,6 +181,29 @@ class PolicyUpdate:
         params, opt_state, metrics = self._update(params, opt_state, minibatch)
         metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
         return params, opt_state, UpdateResult(metrics=metrics, applied=bool(metrics.pop("applied")))
+
+
+class SupervisedUpdate(PolicyUpdate):
+    """The SFT step on the same machinery (shardings, micro-batch accumulation, non-finite guard, optimizer):
+    next-token cross-entropy on the policy's own tokens, `-Σ loss_mask·log p / Σ loss_mask` over the whole
+    mini-batch (SPEC §9); prompt and observation tokens (loss_mask 0) get no gradient."""
+
+    SFT_FIELDS = ("tokens", "positions", "attention_mask", "loss_mask")
+
+    def __init__(self, graphdef, params: nnx.State, **kwargs):
+        super().__init__(graphdef, params, loss_config=LossConfig(kl="none"), **kwargs)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return self.SFT_FIELDS
+
+    def _micro_loss(self, params, micro, num_tokens, num_sequences):
+        model = nnx.merge(self.graphdef, params)
+        logp, entropy = token_log_probs(model, micro["tokens"], micro["positions"], micro["attention_mask"],
+                                        chunk_size=self.logprob_chunk_size)
+        mask = micro["loss_mask"].astype(jnp.float32)
+        nll = -jnp.sum(jnp.where(mask > 0, logp, 0.0)) / num_tokens
+        return nll, {"nll": nll, "entropy": jnp.sum(jnp.where(mask > 0, entropy, 0.0)) / num_tokens}
 
 
 def _update_count(opt_state) -> jax.Array:
