@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Generated gRPC code for the retrieval service (never hand-edited, never committed).
 PROTO_OUT := retrieval_service/retrieval_pb2.py retrieval_service/retrieval_pb2_grpc.py
 
-.PHONY: venv dev proto test train bench clean
+.PHONY: venv dev proto test train sft-demo compare bench clean
 
 $(VENV)/.runtime-installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,17 @@ test: $(VENV)/.dev-installed proto
 
 train: $(VENV)/.runtime-installed proto
 	$(PY) -m tspo_jax.train --gin_file=configs/experiments/tiny_cpu.gin $(TRAIN_ARGS)
+
+# The demo policy's supervised warm start (about an hour on 2 CPU cores); `make sft-demo SHIP=1` then copies its
+# export into tspo_jax/data/demo_policy (the policy `make train` starts from) with its recipe and hashes.
+sft-demo: $(VENV)/.runtime-installed proto
+	$(PY) -m tspo_jax.sft --gin_file=configs/experiments/sft_demo.gin $(SFT_ARGS)
+	$(if $(SHIP),$(PY) -m tspo_jax.training.demo_policy --ship runs/sft_demo)
+
+# TSPO vs GRPO vs GTPO from the demo policy on the demo world, 3 seeds each: runs/compare/{summary.json,compare.png}
+compare: $(VENV)/.runtime-installed proto
+	$(PY) -m tspo_jax.compare --out runs/compare --seeds 0 1 2 --parallel 2 $(COMPARE_ARGS) \
+		-- --gin_file=configs/experiments/compare_demo.gin
 
 bench: $(VENV)/.dev-installed proto
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

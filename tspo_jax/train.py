@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import sys
 import time
@@ -27,14 +28,19 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from tspo_jax import curves
 from tspo_jax import metrics as names
 from tspo_jax.rewards import score_trajectories
 from tspo_jax.training.advantages import compute_advantages, grouped
 from tspo_jax.training.batch import bucketed_length, pack_trajectories
 from tspo_jax.training import gin_config, multihost
+from tspo_jax.training.evaluation import trajectory_record
+from tspo_jax.training.samples import readable, write_samples
 from tspo_jax.training.session import NonFiniteUpdates, StartupError, TrainingSession
 
 log = logging.getLogger("tspo_jax.train")
+
+SAMPLES_PER_EVAL = 4  # eval trajectories (and training trajectories of the latest step) kept per eval
 
 
 class PhaseTimer:
@@ -64,6 +70,7 @@ class Trainer:
     def __init__(self, experiment):
         self.exp = experiment
         self.session = TrainingSession(experiment)
+        self.train_samples: list[dict] = []  # the latest step's first trajectories, for samples/step_N.jsonl
 
     # ------------------------------------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
@@ -95,6 +102,11 @@ class Trainer:
             num_turns=grouped([t.num_turns for t in trajectories], groups, samples),
             max_turns=exp.rollout.max_turns_per_trajectory, turn_id=batch.turn_id,
             loss_mask=batch.loss_mask.astype(np.int32), shaping=shaping)
+        self.train_samples = [
+            trajectory_record(examples[i // samples], t, answer=scores.answers[i], correct=bool(scores.correct[i]),
+                              folr_turn=int(scores.folr_turn[i]),
+                              turn_advantages=advantages.turn[i // samples, i % samples, :t.num_turns])
+            for i, t in enumerate(trajectories[:SAMPLES_PER_EVAL])]
         with timer.phase("update"):
             update = s.train_on(batch.replace(advantages=advantages.token), old_logp, ref_logp, order_seed)
         s.engine_params = s.sampler_params(s.engine)  # one process: the same arrays, no copy
@@ -113,14 +125,14 @@ class Trainer:
         progress = names.ProgressLine(exp.num_steps, start_step=start)
         try:
             if start == 0 and exp.eval_at_start and s.has_eval:
-                s.log_metrics(0, s.evaluate()[0])
+                s.log_metrics(0, self.evaluate(0))
             for step in range(start + 1, exp.num_steps + 1):
                 tick = time.perf_counter()
                 metrics = self.step(step)
                 metrics[names.TIME_STEP] = time.perf_counter() - tick
                 last = step == exp.num_steps
                 if s.has_eval and exp.eval_every and (last or step % exp.eval_every == 0):
-                    metrics.update(s.evaluate()[0])
+                    metrics.update(self.evaluate(step))
                 s.log_metrics(step, metrics)
                 progress.update(step, metrics)
                 if step == start + 1 and jax.process_index() == 0:
@@ -132,9 +144,33 @@ class Trainer:
                     log.warning("stopping after step %d on SIGTERM: saved checkpoint %s", step,
                                 s.checkpoints.step_path(step))
                     break
+            if jax.process_index() == 0 and s.start_step < exp.num_steps:
+                self.summarize()
         finally:
             s.close()  # waits for the last save, stops a retrieval service the run started
         return s.run_dir
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Greedy eval; on process 0 also writes samples/step_N.jsonl and prints one eval trajectory."""
+        metrics, records = self.session.evaluate()
+        if jax.process_index() == 0:
+            path = write_samples(self.session.run_dir, step, eval_records=records[:SAMPLES_PER_EVAL],
+                                 train_records=self.train_samples)
+            if records:
+                print(f"eval sample at step {step} ({path}):\n{readable(records[0])}", flush=True)
+        return metrics
+
+    def summarize(self) -> None:
+        """RUN_DIR/curves.png and the `eval EM a -> b` line (process 0, after the last step)."""
+        s = self.session
+        rows = s.metrics_log.rows()
+        em = curves.curve(rows, curves.EVAL_EM)
+        buffer = io.BytesIO()
+        curves.plot_run(rows, buffer, title=f"{s.run_dir.name}: {self.exp.algorithm.name}")
+        (s.run_dir / "curves.png").write_bytes(buffer.getvalue())
+        if em:
+            print(f"eval EM {em[0][1]:.3f} -> {em[-1][1]:.3f} (step {em[0][0]} -> {em[-1][0]}; "
+                  f"curves in {s.run_dir / 'curves.png'})", flush=True)
 
 
 # The agent's timings go under time/ and throughput/ (never compared across a resume); two are already phases.
