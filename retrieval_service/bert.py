@@ -2,16 +2,14 @@
 
 Covers the sentence encoders Search-R1 style retrievers use (all-MiniLM-L6-v2, e5-base-v2): absolute position
 embeddings, one token type, no pooler head (sentence embeddings are the masked mean of the last hidden states).
-Weights come from an HF checkpoint through `encoder.load_bert` — this module only knows shapes and math.
+Weights come from an HF checkpoint through `bert_jax.load_bert` — this module only knows shapes and math.
 """
-
-import dataclasses
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from retrieval_service.bert_weights import BertConfig
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
@@ -19,40 +17,6 @@ _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class BertConfig:
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    hidden_act: str = "gelu"
-
-    @classmethod
-    def from_hf(cls, model_dir) -> "BertConfig":
-        path = pathlib.Path(model_dir) / "config.json"
-        try:
-            hf = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no config.json; --encoder must be an HF BERT directory") from None
-        if hf.get("model_type") not in ("bert", None):
-            raise ValueError(f"{path}: model_type {hf.get('model_type')!r} is not a BERT-family encoder")
-        if hf.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"{path}: position_embedding_type {hf['position_embedding_type']!r} is not supported")
-        if hf.get("hidden_act", "gelu") not in _ACTIVATIONS:
-            raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} is not one of {sorted(_ACTIVATIONS)}")
-        return cls(
-            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
-            max_position_embeddings=hf.get("max_position_embeddings", 512),
-            type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-            hidden_act=hf.get("hidden_act", "gelu"),
-        )
 
 
 def _layer_norm(cfg, rngs, dtype):

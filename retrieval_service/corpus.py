@@ -9,7 +9,6 @@ reader was told to skip bad lines (then they are counted in `bad_lines` and repo
 
 import dataclasses
 import gzip
-import hashlib
 import json
 import pathlib
 
@@ -73,35 +72,54 @@ def parse_corpus_line(line: str) -> CorpusDocument:
     raise ValueError('needs "contents" (Search-R1 format) or "title" and "text"')
 
 
-class CorpusReader:
-    """Iterates the documents of a .jsonl (or .jsonl.gz) corpus, hashing the bytes as it goes.
+@dataclasses.dataclass(frozen=True)
+class ReadPosition:
+    """Where a reader stands after a document: enough to continue a read there (a resumed build)."""
+    byte_offset: int   # in the file as stored (uncompressed files only: .gz resumes by counting lines)
+    line: int          # lines consumed
+    documents: int
+    bad_lines: int
+    first_bad_line: str | None
 
-    After a full iteration: `documents`, `bad_lines`, `sha256` (of the file's bytes) are final.
-    `bytes_read` / `total_bytes` (on-disk, compressed for .gz) drive progress and ETA.
+
+class CorpusReader:
+    """Iterates the documents of a .jsonl (or .jsonl.gz) corpus, optionally from a ReadPosition.
+
+    After a full iteration `documents` and `bad_lines` are final. `bytes_read` / `total_bytes` (on-disk, compressed
+    for .gz) drive progress and ETA; `position()` is where the last document handed out ended.
     """
 
-    def __init__(self, path, *, skip_bad_lines: bool = False):
+    def __init__(self, path, *, skip_bad_lines: bool = False, start: ReadPosition | None = None):
         self.path = pathlib.Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"corpus {self.path} does not exist")
         self.skip_bad_lines = skip_bad_lines
         self.total_bytes = self.path.stat().st_size
-        self.bytes_read = 0
-        self.documents = 0
-        self.bad_lines = 0
-        self.first_bad_line: str | None = None  # "file:line: reason" of the first skipped line
-        self._digest = hashlib.sha256()
+        self.start = start or ReadPosition(0, 0, 0, 0, None)
+        self.bytes_read = self.start.byte_offset
+        self.documents = self.start.documents
+        self.bad_lines = self.start.bad_lines
+        self.first_bad_line: str | None = self.start.first_bad_line  # "file:line: reason" of the first skipped
+        self._line = self.start.line
+        self._offset = self.start.byte_offset
 
-    @property
-    def sha256(self) -> str:
-        return self._digest.hexdigest()
+    def position(self) -> ReadPosition:
+        return ReadPosition(self._offset, self._line, self.documents, self.bad_lines, self.first_bad_line)
 
     def __iter__(self):
+        gz = self.path.suffix == ".gz"
         with open(self.path, "rb") as raw:
-            lines = gzip.open(raw) if self.path.suffix == ".gz" else raw
-            for line_number, line in enumerate(lines, start=1):
-                self._digest.update(line)
+            if gz:
+                lines = gzip.open(raw)
+                for _ in range(self.start.line):  # no random access into gzip: skip what was read before
+                    lines.readline()
+            else:
+                raw.seek(self.start.byte_offset)
+                lines = raw
+            for line_number, line in enumerate(lines, start=self.start.line + 1):
                 self.bytes_read = raw.tell()
+                self._line = line_number
+                self._offset += len(line)
                 if not line.strip():
                     continue  # blank lines (e.g. a trailing one) carry no document
                 try:

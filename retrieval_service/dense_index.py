@@ -1,20 +1,26 @@
 """faiss indexes over unit-norm embeddings (inner product = cosine): writing them in a stream, searching them.
 
-Flat is exact. HNSW and IVF-PQ trade recall for speed and memory (a 21M x 768 Flat index is 64 GB; IVF-PQ with
-96 one-byte codes is ~2 GB). The index on disk is always a real faiss index; for Flat the searcher may answer with
-a NumPy matmul + argpartition over the index's own vectors (`flat_kernel="numpy"`), which measured faster than
-faiss-cpu's bundled BLAS on small hosts (bench/retrieval_load.py prints both).
+Kinds and their memory per vector of D dims (bench/retrieval_scale.py measures them):
+  flat     exact, 4·D bytes (e5-base: 3.07 GB per million passages; wiki-18's 21M: 64 GB)
+  flat16   exact search over fp16 copies (faiss IndexScalarQuantizer QT_fp16), 2·D bytes, scores within ~1e-3
+  hnsw     graph over fp32 vectors, 4·D + ~8·M bytes; approximate
+  ivfpq    D/8 one-byte codes + 8-byte ids (~0.1 GB per million at 768 dims); approximate
+The index on disk is always a real faiss index (Search-R1's e5_Flat.index imports as is). For flat and flat16 the
+searcher may answer with a NumPy matmul + argpartition over the index's own storage (`flat_kernel="numpy"`), which
+measured faster than faiss-cpu's bundled BLAS on small hosts (bench/retrieval_load.py prints both). `mmap=True`
+maps the file instead of reading it (faiss IO_FLAG_MMAP_IFC): start-up is immediate and several replicas on one
+host share one copy in the page cache.
 """
 
 import dataclasses
-import math
 
 import faiss
 import numpy as np
 
-INDEX_KINDS = ("flat", "hnsw", "ivfpq")
+INDEX_KINDS = ("flat", "flat16", "hnsw", "ivfpq")
 FLAT_KERNELS = ("numpy", "faiss")
 INDEX_FILE = "dense.faiss"
+_FLAT_HEADER_BYTES = 45  # "IxFI", d, ntotal, 2 dummies, is_trained, metric, float count; then the vectors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +55,8 @@ class DenseIndexWriter:
         self._index = None
         if kind == "flat":
             self._index = faiss.IndexFlatIP(dim)
+        elif kind == "flat16":
+            self._index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
         elif kind == "hnsw":
             self._index = faiss.IndexHNSWFlat(dim, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             self._index.hnsw.efConstruction = params.hnsw_ef_construction
@@ -95,18 +103,74 @@ class DenseIndexWriter:
         return self._index
 
 
-def top_k_inner_product(queries: np.ndarray, vectors: np.ndarray, k: int, block_rows: int = 1 << 18):
+def write_flat_index(path, parts, dim: int) -> int:
+    """Writes a faiss IndexFlatIP file from float32[n_i, dim] parts without holding them all in memory.
+
+    parts: a re-iterable of arrays (e.g. memory-mapped build shards); read twice, once to count. -> vectors written.
+    faiss.read_index reads the file back like one written by faiss.write_index (a test checks byte equality).
+    """
+    total = sum(len(p) for p in parts)
+    header = (b"IxFI" + np.int32(dim).tobytes() + np.int64(total).tobytes() + np.int64(1 << 20).tobytes() * 2
+              + np.uint8(1).tobytes() + np.int32(faiss.METRIC_INNER_PRODUCT).tobytes()
+              + np.int64(total * dim).tobytes())
+    assert len(header) == _FLAT_HEADER_BYTES
+    with open(path, "wb") as f:
+        f.write(header)
+        for part in parts:
+            part = np.asarray(part)
+            if part.dtype != np.float32 or part.ndim != 2 or part.shape[1] != dim:
+                raise ValueError(f"vectors of {part.dtype} {part.shape} do not fit a {dim}-d float32 Flat index")
+            f.write(np.ascontiguousarray(part).tobytes())
+    return total
+
+
+_KIND_OF_TYPE = {"IndexFlatIP": "flat", "IndexFlat": "flat", "IndexHNSWFlat": "hnsw", "IndexIVFPQ": "ivfpq"}
+
+
+def index_kind(index) -> str:
+    """The kind of a faiss index read from disk (for imports); ValueError for what the searcher cannot serve."""
+    name = type(index).__name__
+    if name == "IndexScalarQuantizer" and index.sq.qtype == faiss.ScalarQuantizer.QT_fp16:
+        kind = "flat16"
+    elif name in _KIND_OF_TYPE:
+        kind = _KIND_OF_TYPE[name]
+    else:
+        raise ValueError(f"faiss index type {name} is not one of the kinds served here ({', '.join(INDEX_KINDS)}: "
+                         f"IndexFlatIP, IndexScalarQuantizer fp16, IndexHNSWFlat, IndexIVFPQ)")
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise ValueError(f"faiss index metric is {index.metric_type} ({'L2' if index.metric_type == 1 else '?'}), "
+                         f"not inner product (0); the service scores unit vectors by inner product")
+    return kind
+
+
+def _stored_rows(index, kind: str) -> np.ndarray:
+    """A NumPy view [N, D] of a Flat (float32) or fp16 scalar-quantizer index's own storage; no copy.
+
+    Valid while `index` lives. Memory-mapped storage may sit at an unaligned address (the faiss header is 45 bytes);
+    the kernel copies such rows block by block into aligned memory.
+    """
+    n, d = index.ntotal, index.d
+    if kind == "flat":
+        return faiss.rev_swig_ptr(index.get_xb(), n * d).reshape(n, d)
+    raw = faiss.rev_swig_ptr(index.codes.data(), n * index.code_size)
+    return np.frombuffer(raw, dtype="<f2").reshape(n, d)
+
+
+def top_k_inner_product(queries: np.ndarray, vectors: np.ndarray, k: int, block_rows: int = 1 << 15):
     """Exact top-k by inner product, in blocks of rows so a 21M-row database never makes a [B, N] score matrix.
 
-    queries: float32[B, D], vectors: float32[N, D] -> (scores float32[B, k'], rows int64[B, k']), best first,
-    k' = min(k, N).
+    queries: float32[B, D], vectors: float32 or float16[N, D] (blocks that are fp16 or unaligned are converted to
+    aligned float32 first: BLAS needs it) -> (scores float32[B, k'], rows int64[B, k']), best first, k' = min(k, N).
     """
     b, n = len(queries), len(vectors)
     k = min(k, n)
     best_scores = np.full((b, 0), -np.inf, np.float32)
     best_rows = np.zeros((b, 0), np.int64)
     for start in range(0, n, block_rows):
-        scores = queries @ vectors[start:start + block_rows].T  # float32[B, block]
+        block = vectors[start:start + block_rows]
+        if block.dtype != np.float32 or not block.flags.aligned:
+            block = block.astype(np.float32)
+        scores = queries @ block.T  # float32[B, block]
         kk = min(k, scores.shape[1])
         if kk < scores.shape[1]:
             part = np.argpartition(scores, -kk, axis=1)[:, -kk:]  # the kk largest, in no order
@@ -125,24 +189,21 @@ def top_k_inner_product(queries: np.ndarray, vectors: np.ndarray, k: int, block_
 class DenseSearcher:
     """Searches a faiss index file. search(float32[B, D], k) -> (scores float32[B, k], rows int64[B, k])."""
 
-    def __init__(self, index_path, kind: str, *, flat_kernel: str = "numpy", ef_search: int | None = None,
-                 nprobe: int | None = None):
+    def __init__(self, index_path, kind: str, *, flat_kernel: str = "numpy", mmap: bool = False,
+                 ef_search: int | None = None, nprobe: int | None = None):
         if flat_kernel not in FLAT_KERNELS:
             raise ValueError(f"flat_kernel {flat_kernel!r} is not one of {FLAT_KERNELS}")
-        self.kind = kind
-        # Read into RAM, not memory-mapped (faiss.IO_FLAG_MMAP_IFC): in the file the vectors sit at an odd byte
-        # offset, and NumPy's matmul over unaligned float32 leaves BLAS for a loop ~20x slower.
-        self.index = faiss.read_index(str(index_path))
+        self.kind, self.mmap = kind, mmap
+        self.index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
         self.dim = self.index.d
         self._vectors = None
-        if kind == "flat" and flat_kernel == "numpy":
-            n = self.index.ntotal
-            # A view of the Flat index's own storage (no copy); valid while self.index lives.
-            self._vectors = faiss.rev_swig_ptr(self.index.get_xb(), n * self.dim).reshape(n, self.dim)
-            assert self._vectors.flags.aligned, "faiss' heap storage is always float-aligned"
-            self.kernel = "numpy-matmul-argpartition (over the faiss Flat index's vectors)"
+        if kind in ("flat", "flat16") and flat_kernel == "numpy":
+            self._vectors = _stored_rows(self.index, kind)
+            self.kernel = f"numpy-matmul-argpartition (over the faiss {kind} index's vectors)"
         else:
             self.kernel = f"faiss-{kind}"
+        if mmap:
+            self.kernel += ", memory-mapped"
         if kind == "hnsw" and ef_search:
             self.index.hnsw.efSearch = ef_search
         if kind == "ivfpq" and nprobe:

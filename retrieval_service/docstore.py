@@ -6,6 +6,7 @@ decodes only the rows a search returns. Row i is the document with faiss / BM25 
 
 import json
 import mmap
+import os
 import pathlib
 
 import numpy as np
@@ -17,15 +18,26 @@ OFFSETS_FILE = "docs.offsets.int64"  # little-endian int64[N + 1]; row i is byte
 
 
 class DocumentStoreWriter:
-    """Appends documents in order; `close()` finishes the offsets file and returns the row count."""
+    """Appends documents in order; `close()` finishes the offsets file and returns the row count.
 
-    def __init__(self, out_dir):
+    resume_at=(rows, bytes): continue a store whose first `rows` documents (`bytes` of records) were written and
+    flushed by an earlier, interrupted build; anything after them is cut off.
+    """
+
+    def __init__(self, out_dir, *, resume_at: tuple[int, int] | None = None):
         out_dir = pathlib.Path(out_dir)
-        self._records = open(out_dir / RECORDS_FILE, "wb")
-        self._offsets = open(out_dir / OFFSETS_FILE, "wb")
-        self._pending = [0]
-        self._position = 0
-        self.count = 0
+        rows, size = resume_at or (0, 0)
+        mode = "r+b" if resume_at else "wb"
+        self._records = open(out_dir / RECORDS_FILE, mode)
+        self._offsets = open(out_dir / OFFSETS_FILE, mode)
+        if resume_at:
+            self._records.truncate(size)
+            self._records.seek(size)
+            self._offsets.truncate(8 * (rows + 1))
+            self._offsets.seek(8 * (rows + 1))
+        self._pending = [] if resume_at else [0]
+        self._position = size
+        self.count = rows
 
     def add(self, doc: CorpusDocument) -> None:
         record = {"id": doc.id, "title": doc.title, "text": doc.text}
@@ -42,6 +54,14 @@ class DocumentStoreWriter:
     def _flush_offsets(self):
         self._offsets.write(np.asarray(self._pending, dtype="<i8").tobytes())
         self._pending = []
+
+    def flush(self) -> tuple[int, int]:
+        """Writes everything added so far through to disk; -> (rows, bytes) to resume from."""
+        self._flush_offsets()
+        for f in (self._records, self._offsets):
+            f.flush()
+            os.fsync(f.fileno())
+        return self.count, self._position
 
     def close(self) -> int:
         self._flush_offsets()

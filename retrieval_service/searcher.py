@@ -19,12 +19,16 @@ from retrieval_service.docstore import DocumentStore
 
 
 class Searcher:
-    def __init__(self, index_dir, *, flat_kernel: str = "numpy", encoder_dir=None, ef_search: int | None = None,
-                 nprobe: int | None = None, max_batch: int = 64, compile_cache_dir=None):
+    def __init__(self, index_dir, *, flat_kernel: str = "numpy", mmap: bool = False, encoder_dir=None,
+                 encoder_runtime: str = "onnx", ef_search: int | None = None, nprobe: int | None = None,
+                 max_batch: int = 64, compile_cache_dir=None):
         """encoder_dir: where the manifest's encoder lives on this machine (default: the recorded path); for a
-        BM25 index, an optional encoder that enables embed(). compile_cache_dir: persistent jit cache for the
-        encoder (None = ~/.cache/retrieval_service/jax, "" = off)."""
+        BM25 index, an optional encoder that enables embed(). encoder_runtime: "onnx" (CPU, the default: on a TPU
+        VM the chips belong to the trainer), "jax" (every local device) or "auto". mmap: map the faiss index
+        instead of reading it (instant start-up; replicas share the page cache). compile_cache_dir: persistent jit
+        cache for the jax runtime (None = ~/.cache/retrieval_service/jax, "" = off)."""
         self._compile_cache_dir = compile_cache_dir
+        self._encoder_runtime = encoder_runtime
         self.index_dir = pathlib.Path(index_dir)
         self.manifest = read_manifest(self.index_dir)
         self.backend = self.manifest["backend"]
@@ -34,14 +38,15 @@ class Searcher:
         if self.backend == "dense":
             self.encoder = self._load_recorded_encoder(encoder_dir, max_batch)
             self.index = dense_index.DenseSearcher(self.index_dir / dense_index.INDEX_FILE, self.index_kind,
-                                                   flat_kernel=flat_kernel, ef_search=ef_search, nprobe=nprobe)
+                                                   flat_kernel=flat_kernel, mmap=mmap, ef_search=ef_search,
+                                                   nprobe=nprobe)
         else:
             self.index = BM25Searcher(self.index_dir)
             if encoder_dir is not None:
                 from retrieval_service.encoder import TextEncoder
 
                 self._enable_compile_cache()
-                self.encoder = TextEncoder(encoder_dir, max_batch=max_batch)
+                self.encoder = TextEncoder(encoder_dir, max_batch=max_batch, runtime=encoder_runtime)
         if len(self.index) != len(self.store):
             raise ValueError(f"{self.index_dir}: the index has {len(self.index)} vectors/documents but the "
                              f"document store has {len(self.store)}; rebuild the index")
@@ -57,7 +62,8 @@ class Searcher:
             raise FileNotFoundError(f"{self.index_dir}/manifest.json: encoder {recorded['path']} is not on this "
                                     f"machine; pass --encoder DIR pointing at a copy of {recorded['name']}")
         encoder = TextEncoder(path, max_length=recorded["max_length"], query_prefix=recorded["query_prefix"],
-                              passage_prefix=recorded["passage_prefix"], max_batch=max_batch)
+                              passage_prefix=recorded["passage_prefix"], max_batch=max_batch,
+                              runtime=self._encoder_runtime)
         actual = encoder.describe()
         if actual["weights_sha256"] != recorded["weights_sha256"]:
             raise ValueError(f"encoder {path} has weights sha256 {actual['weights_sha256'][:12]}…, but "
@@ -67,7 +73,9 @@ class Searcher:
         return encoder
 
     def _enable_compile_cache(self):
-        from retrieval_service.encoder import default_compile_cache_dir, enable_compile_cache
+        if self._encoder_runtime == "onnx":
+            return  # nothing to compile, and no JAX import
+        from retrieval_service.bert_jax import default_compile_cache_dir, enable_compile_cache
 
         cache = self._compile_cache_dir
         enable_compile_cache(default_compile_cache_dir() if cache is None else cache)

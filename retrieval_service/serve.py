@@ -22,6 +22,7 @@ def _log(message: str) -> None:
 
 def parse_args(argv=None):
     from retrieval_service.dense_index import FLAT_KERNELS
+    from retrieval_service.encoder import RUNTIMES
     from retrieval_service.server import ServiceLimits
 
     limits = ServiceLimits()
@@ -33,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--max-batch", type=int, default=64, help="queries per micro-batch (1 = batching off)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="longest wait for a batch to fill")
+    p.add_argument("--max-queued", type=int, default=4096,
+                   help="requests waiting at most; past it gRPC says RESOURCE_EXHAUSTED and HTTP 503")
+    p.add_argument("--http-backlog", type=int, default=1024, help="listen backlog of the HTTP socket")
     p.add_argument("--max-top-k", type=int, default=limits.max_top_k)
     p.add_argument("--max-queries", type=int, default=limits.max_queries_per_request, help="per request")
     p.add_argument("--max-query-chars", type=int, default=limits.max_query_chars)
@@ -41,10 +45,16 @@ def parse_args(argv=None):
     p.add_argument("--default-top-k", type=int, default=3, help="HTTP requests without topk (Search-R1's 3)")
     p.add_argument("--flat-search", choices=FLAT_KERNELS, default="numpy",
                    help="kernel for Flat indexes: NumPy matmul + argpartition over the index's vectors, or faiss")
+    p.add_argument("--mmap", action="store_true",
+                   help="memory-map the faiss index instead of reading it: instant start-up, and replicas on one "
+                        "host share one copy in the page cache")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW search beam (default: the manifest's)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF clusters visited (default: the manifest's)")
     p.add_argument("--encoder", default=None, help="encoder directory (dense: where the manifest's encoder lives "
                                                    "on this machine; bm25: enables Embed)")
+    p.add_argument("--encoder-runtime", choices=RUNTIMES, default="onnx",
+                   help="onnx: ONNX Runtime on the host CPU (default; a TPU VM's chips belong to the trainer); "
+                        "jax: every local device; auto: jax when JAX sees an accelerator")
     p.add_argument("--workers", type=int, default=64, help="gRPC handler threads")
     p.add_argument("--log-every-s", type=float, default=10.0)
     p.add_argument("--grace-s", type=float, default=2.0)
@@ -57,8 +67,9 @@ def parse_args(argv=None):
                            max_query_chars=args.max_query_chars,
                            max_message_bytes=int(args.max_message_mb * 2**20),
                            request_timeout_s=args.request_timeout_s)
-    if args.max_batch < 1:
-        p.error(f"--max-batch must be >= 1, got {args.max_batch}")
+    for name in ("max_batch", "max_queued", "http_backlog"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args, limits
 
 
@@ -71,23 +82,23 @@ def main(argv=None) -> int:
 
     started = time.monotonic()
     try:
-        searcher = Searcher(args.index, flat_kernel=args.flat_search, encoder_dir=args.encoder,
-                            ef_search=args.ef_search, nprobe=args.nprobe, max_batch=args.max_batch,
-                            compile_cache_dir=args.compile_cache)
+        searcher = Searcher(args.index, flat_kernel=args.flat_search, mmap=args.mmap, encoder_dir=args.encoder,
+                            encoder_runtime=args.encoder_runtime, ef_search=args.ef_search, nprobe=args.nprobe,
+                            max_batch=args.max_batch, compile_cache_dir=args.compile_cache)
     except (FileNotFoundError, ValueError) as e:
         _log(f"[serve] error: {e}")
         return 2
     if not args.no_warmup:
         searcher.warmup()
     batcher = MicroBatcher(searcher, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1e3,
-                           stats=BatchStats(every_s=args.log_every_s, log=_log))
+                           max_queued=args.max_queued, stats=BatchStats(every_s=args.log_every_s, log=_log))
     service = RetrievalService(batcher, limits)
     try:
         grpc_server, grpc_port = make_grpc_server(service, host=args.host, port=args.port, max_workers=args.workers)
         http_server = None
         if args.http_port is not None:
             http_server = SearchR1HttpServer(batcher, limits, host=args.host, port=args.http_port,
-                                             default_top_k=args.default_top_k)
+                                             default_top_k=args.default_top_k, backlog=args.http_backlog)
     except OSError as e:
         _log(f"[serve] error: {e}")
         return 2
@@ -97,7 +108,9 @@ def main(argv=None) -> int:
     _log(f"[serve] ready in {time.monotonic() - started:.1f}s: grpc {args.host}:{grpc_port}"
          + (f", http {args.host}:{http_server.port} (POST /retrieve)" if http_server else "")
          + f"; {searcher.backend} {searcher.index_kind}, {len(searcher):,} documents, "
-           f"kernel {searcher.kernel}, encoder {searcher.encoder_name or '-'}, max_batch {args.max_batch}")
+           f"kernel {searcher.kernel}, encoder {searcher.encoder_name or '-'}"
+           + (f" ({searcher.encoder.runtime_description})" if searcher.encoder else "")
+           + f", max_batch {args.max_batch}")
     if args.ready_file:
         ready = pathlib.Path(args.ready_file)
         tmp = ready.with_name(ready.name + ".tmp")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from retrieval_service.encoder import TextEncoder, default_encoder_dir, load_bert
+from retrieval_service.bert_jax import load_bert
+from retrieval_service.encoder import TextEncoder, default_encoder_dir
 
 TEXTS = [
     "What is the capital of France?",

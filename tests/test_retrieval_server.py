@@ -1,7 +1,9 @@
 """The running server (a real subprocess on loopback): exact results, Search-R1's HTTP shape, bad requests."""
 
+import http.client
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -13,8 +15,9 @@ import pytest
 from retrieval_service import retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service.batcher import Job, MicroBatcher
 from retrieval_service.client import RetrievalClient, RetrievalRequestError
+from retrieval_service.process import RetrievalServer
 from retrieval_service.searcher import Searcher
-from tests.fixtures.retrieval import RETRIEVAL_FACTS
+from tests.fixtures.retrieval import RETRIEVAL_FACTS, corpus_documents
 
 QUERIES = [question for question, _, _ in RETRIEVAL_FACTS] + ["largest planet", "Russian novel", "atomic number 8"]
 
@@ -206,12 +209,82 @@ def test_micro_batcher_merges_queued_requests_into_one_search(bm25_searcher):
         batcher.close()
 
 
-def test_max_batch_one_serves_every_request_alone(bm25_searcher):
+def test_max_batch_one_puts_one_query_in_each_search(bm25_searcher):
     batcher = MicroBatcher(bm25_searcher, max_batch=1, max_wait_s=0.5)
     try:
         futures = [batcher.submit(Job("retrieve", [q], top_k=2)) for q in QUERIES[:4]]
-        futures.append(batcher.submit(Job("retrieve", QUERIES[:3], top_k=2)))  # never split either
-        assert [len(f.result(timeout=10)) for f in futures] == [1, 1, 1, 1, 3]
-        assert batcher.stats.batches_served == 5
+        futures.append(batcher.submit(Job("retrieve", QUERIES[:3], top_k=2)))  # split into three searches
+        results = [f.result(timeout=10) for f in futures]
+        assert [len(r) for r in results] == [1, 1, 1, 1, 3]
+        assert batcher.stats.batches_served == 7 and batcher.stats.requests_served == 5
+        alone = bm25_searcher.retrieve(QUERIES[:3], 2)
+        assert [[(d.id, s) for d, s in r] for r in results[4]] == [[(d.id, s) for d, s in r] for r in alone]
     finally:
         batcher.close()
+
+
+def test_a_large_request_is_split_into_encoder_sized_pieces_and_its_tail_shares_a_search(bm25_searcher):
+    batcher = MicroBatcher(bm25_searcher, max_batch=4, max_wait_s=0.5)
+    try:
+        big = Job("retrieve", QUERIES[:6], top_k=3)  # pieces of 4 and 2 queries
+        small = [Job("retrieve", [q], top_k=1) for q in QUERIES[6:8]]
+        futures = [batcher.submit(job) for job in [big] + small]
+        results = [f.result(timeout=10) for f in futures]
+        assert batcher.stats.batches_served == 2 and batcher.stats.requests_served == 3  # [4], [2 + 1 + 1]
+        assert batcher.stats.queries_served == 8
+        for job, result in zip([big] + small, results):
+            alone = bm25_searcher.retrieve(job.texts, job.top_k)
+            assert [[(d.id, s) for d, s in r] for r in result] == [[(d.id, s) for d, s in r] for r in alone]
+    finally:
+        batcher.close()
+
+
+def test_http_keeps_the_connection_alive_across_requests(retrieval_server):
+    connection = http.client.HTTPConnection("127.0.0.1", retrieval_server.http_port, timeout=30)
+    try:
+        sockets = []
+        for query in QUERIES[:3]:
+            connection.request("POST", "/retrieve", json.dumps({"queries": [query], "topk": 1}),
+                               {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 200 and response.version == 11
+            assert response.getheader("Connection", "keep-alive").lower() == "keep-alive"
+            assert len(json.loads(response.read())["result"]) == 1
+            sockets.append(connection.sock)
+        assert sockets[0] is not None and all(s is sockets[0] for s in sockets)  # one TCP connection for all three
+    finally:
+        connection.close()
+
+
+def test_http_answers_503_when_the_queue_is_full_504_past_the_deadline_and_keeps_serving(dense_flat_index):
+    # The worker busy with 256 passage-long queries (16 encoder calls of 16, each ~1 s on 2 cores); a queue of
+    # one; a 1.5 s deadline.
+    with RetrievalServer(dense_flat_index, http_port=0, extra_args=[
+            "--max-queued", "1", "--request-timeout-s", "1.5", "--max-batch", "16"]) as server:
+        url = server.http_url + "/retrieve"
+        long_query = " ".join(f"{title} {text}" for title, text in corpus_documents()[:12])[:2000]
+        heavy = json.dumps({"queries": [f"{i} {long_query}" for i in range(256)]}).encode()
+        outcomes = {}
+
+        def send(name, body):
+            outcomes[name] = post_json(url, body)
+
+        first = threading.Thread(target=send, args=("first", heavy))
+        first.start()
+        time.sleep(0.3)  # the worker has taken the heavy request from the queue and is encoding it
+        second = threading.Thread(target=send, args=("second", json.dumps({"queries": ["queued"]}).encode()))
+        second.start()
+        time.sleep(0.2)
+        send("third", json.dumps({"queries": ["one too many"]}).encode())
+        first.join(60)
+        second.join(60)
+        assert outcomes["third"][0] == 503 and "overloaded" in outcomes["third"][1]["error"]
+        assert outcomes["second"][0] == 504 and "no result within 1.5s" in outcomes["second"][1]["error"]
+        assert outcomes["first"][0] == 504  # its own deadline passed too: its remaining pieces were dropped
+        statuses, deadline = [], time.monotonic() + 60
+        while (not statuses or statuses[-1] == 503) and time.monotonic() < deadline:
+            status, body = post_json(url, json.dumps({"queries": [QUERIES[0]], "topk": 1}).encode())
+            statuses.append(status)
+            time.sleep(0.1 if status == 503 else 0)  # the piece being encoded when the deadlines passed finishes
+        assert set(statuses[:-1]) <= {503} and statuses[-1] == 200, statuses
+        assert body["result"][0][0]["contents"].startswith('"Paris"')
