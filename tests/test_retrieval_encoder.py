@@ -1,4 +1,5 @@
-"""The Flax BERT encoder: same sentence embeddings as transformers' PyTorch BertModel + mean pooling + L2 norm."""
+"""The sentence encoder's two runtimes — the Flax BERT (reference, data-parallel over local devices) and the ONNX
+Runtime graph (CPU) — give the same embeddings as transformers' PyTorch BertModel + mean pooling + L2 norm."""
 
 import json
 import shutil
@@ -9,6 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 from retrieval_service.bert_jax import load_bert
 from retrieval_service.encoder import TextEncoder, default_encoder_dir
+from tests.fixtures.retrieval import torch_reference_embeddings
 
 TEXTS = [
     "What is the capital of France?",
@@ -21,31 +23,49 @@ TEXTS = [
 TOLERANCE = 2e-5
 
 
-def torch_reference_embeddings(model_dir, texts, max_length):
-    import torch
-    from transformers import AutoTokenizer, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = BertModel.from_pretrained(str(model_dir)).eval()
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    with torch.no_grad():
-        hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"][..., None].float()
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+@pytest.fixture(scope="module")
+def jax_encoder():
+    return TextEncoder(runtime="jax")  # all 8 host devices of the test process
 
 
-def test_flax_encoder_matches_pytorch_bert_with_mean_pooling(retrieval_encoder):
-    ours = retrieval_encoder.embed(TEXTS)
-    reference = torch_reference_embeddings(default_encoder_dir(), TEXTS, retrieval_encoder.max_length)
+@pytest.fixture(scope="module", params=["onnx", "jax"])
+def encoder_of_each_runtime(request, retrieval_encoder, jax_encoder):
+    encoder = {"onnx": retrieval_encoder, "jax": jax_encoder}[request.param]
+    assert encoder.runtime == request.param
+    return encoder
+
+
+def test_each_runtime_matches_pytorch_bert_with_mean_pooling(encoder_of_each_runtime):
+    ours = encoder_of_each_runtime.embed(TEXTS)
+    reference = torch_reference_embeddings(default_encoder_dir(), TEXTS, encoder_of_each_runtime.max_length)
     assert ours.dtype == np.float32 and ours.shape == (len(TEXTS), 384)
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(ours, reference, atol=TOLERANCE)
 
 
-def test_embedding_does_not_depend_on_batch_padding(retrieval_encoder):
-    alone = retrieval_encoder.embed([TEXTS[0]])
-    with_longer_neighbours = retrieval_encoder.embed(TEXTS)[:1]
+def test_onnx_runtime_matches_the_flax_reference(retrieval_encoder, jax_encoder, retrieval_documents):
+    texts = [f'"{title}"\n{text}' for title, text in retrieval_documents]  # one (64, 32) batch: one compile
+    np.testing.assert_allclose(retrieval_encoder.embed(texts), jax_encoder.embed(texts), atol=TOLERANCE)
+
+
+def test_the_default_runtime_on_a_cpu_host_is_onnx(retrieval_encoder):
+    assert retrieval_encoder.runtime == "onnx" and "onnxruntime" in retrieval_encoder.runtime_description
+
+
+def test_eight_devices_encode_the_same_vectors_as_one(jax_encoder, retrieval_documents):
+    import jax
+
+    assert len(jax.local_devices()) == 8 and "x8" in jax_encoder._runner.platform
+    one = TextEncoder(runtime="jax", devices=jax.local_devices()[:1])
+    texts = [f'"{title}"\n{text}' for title, text in retrieval_documents]
+    sharded, single = jax_encoder.embed(texts), one.embed(texts)
+    assert jax_encoder.max_batch % 8 == 0
+    np.testing.assert_allclose(sharded, single, atol=1e-6)
+
+
+def test_embedding_does_not_depend_on_batch_padding(encoder_of_each_runtime):
+    alone = encoder_of_each_runtime.embed([TEXTS[0]])
+    with_longer_neighbours = encoder_of_each_runtime.embed(TEXTS)[:1]
     np.testing.assert_allclose(alone, with_longer_neighbours, atol=TOLERANCE)
 
 
@@ -69,8 +89,9 @@ def tiny_e5_dir(tmp_path_factory):
     return out
 
 
-def test_e5_encoder_adds_query_and_passage_prefixes(tiny_e5_dir):
-    encoder = TextEncoder(tiny_e5_dir)
+@pytest.mark.parametrize("runtime", ["onnx", "jax"])
+def test_e5_encoder_adds_query_and_passage_prefixes(tiny_e5_dir, runtime):
+    encoder = TextEncoder(tiny_e5_dir, runtime=runtime)
     assert (encoder.query_prefix, encoder.passage_prefix) == ("query: ", "passage: ")
     assert encoder.max_length == 128  # no sentence_bert_config.json: the model's position limit
     np.testing.assert_allclose(encoder.embed_queries(["who wrote hamlet"]), encoder.embed(["query: who wrote hamlet"]))
