@@ -1,20 +1,28 @@
-"""Retrieval service under a bounded loopback load: micro-batched vs `--max-batch 1`, in one run.
+"""Retrieval service under a bounded loopback load, over gRPC and Search-R1's HTTP /retrieve, beside other servers.
 
-    .venv/bin/python bench/retrieval_load.py            # ~3 min once the index is cached (first run: + encoding)
+    .venv/bin/python bench/retrieval_load.py                         # ours: gRPC + HTTP, micro-batched
+    .venv/bin/python bench/retrieval_load.py --http-target search-r1,http://127.0.0.1:8000,PID   # + a peer
+    .venv/bin/python bench/retrieval_load.py --unbatched              # + our server with --max-batch 1
 
-A 100k-passage dense Flat index (all-MiniLM-L6-v2, short synthetic passages) is built once through the real
-builder and cached under runs/bench_cache/. The script first times the Flat search kernels on the index's own
-vectors (faiss-cpu's IndexFlatIP.search vs NumPy matmul + argpartition), then starts two real servers (the
-default micro-batching, and --max-batch 1) and drives each with concurrent gRPC clients:
+A 20k-passage dense Flat index (all-MiniLM-L6-v2, short synthetic passages, `--docs`) is built once through the
+real builder and cached under runs/bench_cache/ (corpus-N.jsonl next to it: build a peer's index from the same file).
+The script first times the Flat search kernels on the index's own vectors (faiss-cpu's IndexFlatIP.search vs NumPy
+matmul + argpartition), then starts our server and drives it, and every --http-target (any server speaking
+Search-R1's POST /retrieve, started beforehand on the same corpus and encoder: Search-R1's own retrieval_server.py,
+an older checkout of ours), with the same closed-loop load:
   (a) one-query requests at concurrency 1, 8, 32;  (b) 64-query requests at concurrency 1, 4,
-each cell bounded by --cell-seconds and --cell-requests. It prints QPS (queries/s), p50/p99 request latency and
-the server's RSS, and as its last line `ratio=<batched QPS / unbatched QPS, one-query requests at concurrency 32>`.
-Runs in fp32 on CPU.
+each cell bounded by --cell-seconds and --cell-requests, targets interleaved cell by cell. HTTP clients keep their
+connection alive (one per client thread). It checks first that every target returns the same top-3 ids for 50
+queries, and prints QPS (queries/s), p50/p99 request latency, errors and each server's RSS. Last line:
+`ratio=<our HTTP QPS / the first target's HTTP QPS, one-query requests at concurrency 32>` (with no target:
+batched / unbatched gRPC QPS, which needs --unbatched). Runs in fp32 on CPU.
 """
 
 import argparse
+import http.client
 import json
 import pathlib
+import urllib.parse
 import random
 import sys
 import threading
@@ -59,7 +67,7 @@ def cached_index(cache: pathlib.Path, num_docs: int) -> pathlib.Path:
     if not corpus.exists():
         write_corpus(corpus, num_docs, whole_words(default_encoder_dir()))
     print(f"index: building {index} from {corpus} (encodes {num_docs:,} passages; progress below)", flush=True)
-    build_index(corpus, index, backend="dense", index_kind="flat", overwrite=True, chunk_docs=4096)
+    build_index(corpus, index, backend="dense", index_kind="flat", overwrite=True)
     return index
 
 
@@ -101,15 +109,58 @@ def query_pool(words, n=2000, seed=1) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 8))) for _ in range(n)]
 
 
-def run_cell(address: str, pool: list[str], per_request: int, clients: int, seconds: float, max_requests: int):
-    """Closed-loop load: `clients` threads each send one request at a time. -> (queries/s, p50 ms, p99 ms, errors)."""
+def grpc_requester(address: str):
+    """-> a per-thread factory of request functions (queries -> None, raises on failure) over gRPC."""
+    def make():
+        client = RetrievalClient(address, deadline_s=60.0)
+        return lambda queries: client.retrieve(queries, 3), client.close
+    return make
+
+
+def http_requester(url: str):
+    """-> a per-thread factory of request functions over HTTP/1.1 POST /retrieve, one kept-alive connection each."""
+    parsed = urllib.parse.urlparse(url)
+
+    def make():
+        state = {"connection": None}
+
+        def request(queries):
+            body = json.dumps({"queries": queries, "topk": 3, "return_scores": True})
+            for attempt in (0, 1):  # a connection the server closed is re-opened once
+                if state["connection"] is None:
+                    state["connection"] = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=120)
+                try:
+                    state["connection"].request("POST", "/retrieve", body, {"Content-Type": "application/json"})
+                    response = state["connection"].getresponse()
+                    payload = response.read()
+                except (http.client.HTTPException, OSError):
+                    state["connection"].close()
+                    state["connection"] = None
+                    if attempt:
+                        raise
+                    continue
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}: {payload[:200]!r}")
+                return json.loads(payload)["result"]
+
+        return request, lambda: state["connection"] and state["connection"].close()
+    return make
+
+
+def run_cell(requester, pool: list[str], per_request: int, clients: int, seconds: float, max_requests: int):
+    """Closed-loop load: `clients` threads each send one request at a time. -> (queries/s, p50 ms, p99 ms, errors).
+
+    requester: an address "host:port" (gRPC) or a factory from grpc_requester / http_requester.
+    """
+    make = grpc_requester(requester) if isinstance(requester, str) else requester
     latencies, errors, lock = [], [0], threading.Lock()
     issued, stop_at, go = [0], [0.0], threading.Event()
 
     def worker(seed):
         rng = random.Random(seed)
-        with RetrievalClient(address, deadline_s=60.0) as client:
-            client.retrieve(rng.sample(pool, per_request), 3)  # connect + warm before timing
+        request, close = make()
+        try:
+            request(rng.sample(pool, per_request))  # connect + warm before timing
             barrier.wait()
             go.wait()
             while time.perf_counter() < stop_at[0]:
@@ -120,13 +171,15 @@ def run_cell(address: str, pool: list[str], per_request: int, clients: int, seco
                 queries = rng.sample(pool, per_request)
                 t = time.perf_counter()
                 try:
-                    client.retrieve(queries, 3)
-                except RetrievalError:
+                    request(queries)
+                except (RetrievalError, RuntimeError, OSError, http.client.HTTPException):
                     with lock:
                         errors[0] += 1
                     continue
                 with lock:
                     latencies.append(time.perf_counter() - t)
+        finally:
+            close()
 
     barrier = threading.Barrier(clients + 1)
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
@@ -139,18 +192,32 @@ def run_cell(address: str, pool: list[str], per_request: int, clients: int, seco
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
-    lat = np.asarray(latencies) * 1e3
+    lat = np.asarray(latencies or [float("nan")]) * 1e3
     return len(latencies) * per_request / elapsed, np.percentile(lat, 50), np.percentile(lat, 99), errors[0]
+
+
+def same_top3(targets: dict, pool: list[str]) -> dict:
+    """Top-3 ids of 50 queries from every HTTP target, compared with the first: -> name -> queries agreeing."""
+    queries = pool[:50]
+    answers = {name: http_requester(url)()[0](queries) for name, (url, _) in targets.items()}
+    first = next(iter(answers.values()))
+    ids = lambda result: [[entry["document"]["id"] for entry in q] for q in result]
+    return {name: sum(a == b for a, b in zip(ids(result), ids(first))) for name, result in answers.items()}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--docs", type=int, default=100_000)
+    parser.add_argument("--docs", type=int, default=20_000)
     parser.add_argument("--cache", default=str(ROOT / "runs" / "bench_cache"))
     parser.add_argument("--cell-seconds", type=float, default=8.0)
     parser.add_argument("--cell-requests", type=int, default=2000)
     parser.add_argument("--build-only", action="store_true")
+    parser.add_argument("--unbatched", action="store_true", help="also run our server with --max-batch 1 (gRPC)")
+    parser.add_argument("--http-target", action="append", default=[], metavar="NAME,URL[,PID]",
+                        help="another server's Search-R1 endpoint to load the same way (PID: report its RSS)")
     args = parser.parse_args()
+
+    import os
 
     import psutil
 
@@ -159,38 +226,59 @@ def main() -> int:
     index = cached_index(pathlib.Path(args.cache), args.docs)
     if args.build_only:
         return 0
+    print(f"load average {os.getloadavg()}", flush=True)
     kernel = compare_flat_kernels(index)
     print(f"servers search Flat with: {kernel} ({'--flat-search numpy, the default' if kernel == 'numpy' else '--flat-search faiss'})")
     pool = query_pool(whole_words(default_encoder_dir()))
-    rows, qps_at_32 = [], {}
-    for label, max_batch in (("batched", 64), ("unbatched", 1)):
-        server = RetrievalServer(index, max_batch=max_batch, extra_args=["--flat-search", kernel])
-        with server:
-            info = RetrievalClient(server.address).health_info()
-            print(f"server {label}: max_batch {info.max_batch}, kernel {info.search_kernel}, encoder "
-                  f"{info.encoder} (Flax/XLA CPU, fp32), {info.num_documents:,} docs", flush=True)
-            for load, per_request, clients in CELLS:
-                before = RetrievalClient(server.address).health_info()
-                qps, p50, p99, errors = run_cell(server.address, pool, per_request, clients, args.cell_seconds,
+    external = {}
+    for spec in args.http_target:
+        name, url, *pid = spec.split(",")
+        external[name] = (url.rstrip("/"), int(pid[0]) if pid else None)
+
+    ours = RetrievalServer(index, http_port=0, extra_args=["--flat-search", kernel]).start()
+    servers = [ours]
+    try:
+        info = RetrievalClient(ours.address).health_info()
+        print(f"ours: max_batch {info.max_batch}, kernel {info.search_kernel}, encoder {info.encoder}, "
+              f"{info.num_documents:,} docs; {ours.log_tail(1)}", flush=True)
+        targets = {"ours grpc": (ours.address, ours.pid), "ours http": (ours.http_url, ours.pid)}
+        if args.unbatched:
+            unbatched = RetrievalServer(index, max_batch=1, extra_args=["--flat-search", kernel]).start()
+            servers.append(unbatched)
+            targets["ours grpc unbatched"] = (unbatched.address, unbatched.pid)
+        targets.update(external)
+        http_targets = {name: t for name, t in targets.items() if t[0].startswith("http")}
+        agree = same_top3(http_targets, pool)
+        print("same top-3 ids as ours over HTTP, of 50 queries: "
+              + ", ".join(f"{name} {n}/50" for name, n in agree.items()), flush=True)
+        rows, qps_at_32 = [], {}
+        for load, per_request, clients in CELLS:
+            for name, (target, pid) in targets.items():
+                requester = http_requester(target) if target.startswith("http") else target
+                qps, p50, p99, errors = run_cell(requester, pool, per_request, clients, args.cell_seconds,
                                                  args.cell_requests)
-                after = RetrievalClient(server.address).health_info()
-                merged = (after.requests_served - before.requests_served) / max(
-                    after.batches_served - before.batches_served, 1)
-                rss = psutil.Process(server.pid).memory_info().rss / 2**20
-                rows.append((label, load, per_request, clients, qps, p50, p99, rss, merged, errors))
-                print(f"  {label:9s} ({load}) {per_request:2d} q/req  c={clients:2d}: {qps:8.1f} qps  p50 "
-                      f"{p50:8.1f} ms  p99 {p99:8.1f} ms  rss {rss:6.0f} MiB  {merged:4.1f} req/batch"
+                rss = psutil.Process(pid).memory_info().rss / 2**20 if pid else float("nan")
+                rows.append((name, load, per_request, clients, qps, p50, p99, rss, errors))
+                print(f"  {name:20s} ({load}) {per_request:2d} q/req  c={clients:2d}: {qps:8.1f} qps  p50 "
+                      f"{p50:8.1f} ms  p99 {p99:8.1f} ms  rss {rss:6.0f} MiB  load {os.getloadavg()[0]:.1f}"
                       + (f"  errors {errors}" if errors else ""), flush=True)
                 if per_request == 1 and clients == 32:
-                    qps_at_32[label] = qps
+                    qps_at_32[name] = qps
+    finally:
+        for server in servers:
+            server.stop()
 
     print()
-    print("| server | load | queries/request | concurrency | QPS (queries/s) | p50 ms | p99 ms | server RSS MiB | requests/batch |")
+    print("| server | load | queries/request | concurrency | QPS (queries/s) | p50 ms | p99 ms | server RSS MiB | errors |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for label, load, per_request, clients, qps, p50, p99, rss, merged, errors in rows:
-        print(f"| {label} | ({load}) | {per_request} | {clients} | {qps:.1f} | {p50:.1f} | {p99:.1f} | {rss:.0f} | "
-              f"{merged:.1f} |")
-    print(f"ratio={qps_at_32['batched'] / qps_at_32['unbatched']:.2f}")
+    for name, load, per_request, clients, qps, p50, p99, rss, errors in rows:
+        print(f"| {name} | ({load}) | {per_request} | {clients} | {qps:.1f} | {p50:.1f} | {p99:.1f} | {rss:.0f} | "
+              f"{errors} |")
+    if external:
+        first = next(iter(external))
+        print(f"ratio={qps_at_32['ours http'] / qps_at_32[first]:.2f}")
+    elif args.unbatched:
+        print(f"ratio={qps_at_32['ours grpc'] / qps_at_32['ours grpc unbatched']:.2f}")
     return 0
 
 

@@ -9,7 +9,6 @@ text is (`enable_compile_cache` keeps them across processes).
     vectors = runner(token_ids, mask)   # int32[B, T], bool[B, T] -> float32[B, H] unit rows
 """
 
-import os
 import pathlib
 
 import jax
@@ -33,7 +32,9 @@ def enable_compile_cache(cache_dir) -> None:
 
 
 def default_compile_cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "retrieval_service" / "jax"
+    from retrieval_service.encoder import cache_root
+
+    return cache_root() / "jax"
 
 
 def _hf_tensor_targets(model: BertEncoder) -> dict:

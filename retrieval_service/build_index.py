@@ -26,7 +26,7 @@ import shutil
 import sys
 import time
 
-from retrieval_service import bm25_index, dense_index
+from retrieval_service import dense_index
 from retrieval_service.build_shards import ResumeMismatch, ShardedBuild
 from retrieval_service.corpus import CorpusError, CorpusReader
 from retrieval_service.docstore import DocumentStoreWriter
@@ -212,6 +212,8 @@ def _build_dense(build: ShardedBuild, out, corpus, corpus_sha256, encoder, encod
 
 
 def _build_bm25(partial, out, corpus, corpus_sha256, skip_bad_lines, progress_every_s, started) -> dict:
+    from retrieval_service import bm25_index  # bm25s imports JAX when it is installed: only for BM25 builds
+
     reader = CorpusReader(corpus, skip_bad_lines=skip_bad_lines)
     progress = ProgressLine(reader, every_s=progress_every_s)
     store = DocumentStoreWriter(partial)

@@ -6,13 +6,14 @@
                   index builds on TPU/GPU hosts use all their chips.
   runtime "auto"  "jax" when JAX sees an accelerator, else "onnx" (what the builder uses by default).
 
-Texts are tokenized with the checkpoint's own transformers tokenizer, sorted by length, cut into batches of at most
+Texts are tokenized with the checkpoint's own tokenizer.json (the `tokenizers` library), sorted by length, cut into batches of at most
 `max_batch` and each batch padded to its longest text (the JAX runner rounds that up to a bucket so it compiles few
 shapes). Both runtimes compute the same sentence embedding: masked mean pooling, L2 norm.
 """
 
 import hashlib
 import json
+import os
 import pathlib
 import re
 import threading
@@ -48,6 +49,11 @@ def _default_max_length(model_dir, cfg: BertConfig) -> int:
     return min(512, cfg.max_position_embeddings)
 
 
+def cache_root() -> pathlib.Path:
+    """~/.cache/retrieval_service (or $XDG_CACHE_HOME/retrieval_service): compiled encoders live there."""
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "retrieval_service"
+
+
 def file_sha256(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -65,6 +71,44 @@ def resolve_runtime(runtime: str) -> str:
     import jax
 
     return "jax" if jax.default_backend() != "cpu" else "onnx"
+
+
+class _FastTokenizer:
+    """The checkpoint's tokenizer.json run by the `tokenizers` library itself: what transformers' fast tokenizer
+    does for BERT (normalizer, WordPiece, [CLS] ... [SEP], truncation), without importing transformers (and torch)."""
+
+    def __init__(self, path: pathlib.Path, max_length: int):
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(str(path))
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length)
+        self.pad_id = self._tokenizer.token_to_id("[PAD]") or 0
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tokenizer.encode_batch(texts)]
+
+
+class _TransformersTokenizer:
+    """transformers' AutoTokenizer, for checkpoints that ship only vocab files."""
+
+    def __init__(self, model_dir: pathlib.Path, max_length: int):
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.max_length = max_length
+        self.pad_id = self._tokenizer.pad_token_id or 0
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        return self._tokenizer(texts, truncation=True, max_length=self.max_length, padding=False,
+                               return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+
+
+def load_tokenizer(model_dir: pathlib.Path, max_length: int):
+    """-> a callable list[str] -> list[list[int]] (token ids, truncated to max_length) with a `pad_id`."""
+    if (model_dir / "tokenizer.json").exists():
+        return _FastTokenizer(model_dir / "tokenizer.json", max_length)
+    return _TransformersTokenizer(model_dir, max_length)
 
 
 def pad_batch(batch_ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,11 +135,8 @@ class TextEncoder:
     def __init__(self, model_dir=None, *, max_length: int | None = None, query_prefix: str | None = None,
                  passage_prefix: str | None = None, max_batch: int = 64, runtime: str = "auto", devices=None,
                  threads: int | None = None):
-        from transformers import AutoTokenizer  # host-side tokenization only; no torch involved
-
         self.model_dir = pathlib.Path(model_dir) if model_dir is not None else default_encoder_dir()
         self.config = BertConfig.from_hf(self.model_dir)
-        tensors = read_bert_tensors(self.model_dir, self.config)
         self.dim = self.config.hidden_size
         self.max_length = max_length or _default_max_length(self.model_dir, self.config)
         if self.max_length > self.config.max_position_embeddings:
@@ -105,27 +146,26 @@ class TextEncoder:
         self.query_prefix = query_prefix if query_prefix is not None else ("query: " if e5 else "")
         self.passage_prefix = passage_prefix if passage_prefix is not None else ("passage: " if e5 else "")
         self.runtime = resolve_runtime(runtime)
+        self._weights_sha256 = file_sha256(self.model_dir / "model.safetensors")
         if self.runtime == "jax":
             from retrieval_service.bert_jax import JaxBertRunner
 
-            self._runner = JaxBertRunner(self.config, tensors, max_batch=max_batch, max_length=self.max_length,
-                                         devices=devices)
+            self._runner = JaxBertRunner(self.config, read_bert_tensors(self.model_dir, self.config),
+                                         max_batch=max_batch, max_length=self.max_length, devices=devices)
         else:
-            from retrieval_service.bert_onnx import OnnxBertRunner
+            from retrieval_service.bert_onnx import OnnxBertRunner, cached_onnx_model
 
-            self._runner = OnnxBertRunner(self.config, tensors, max_batch=max_batch, threads=threads)
+            graph = cached_onnx_model(self.model_dir, self.config, self._weights_sha256, cache_root() / "onnx")
+            self._runner = OnnxBertRunner(graph, max_batch=max_batch, threads=threads)
         self.max_batch = self._runner.max_batch
         self.runtime_description = self._runner.description
         self.name = self.model_dir.name if self.model_dir.name not in _GENERIC_DIR_NAMES else self.model_dir.parent.name
-        self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-        self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to call from several threads
-        self._pad_id = self._tokenizer.pad_token_id or 0
-        self._weights_sha256 = None
+        self._tokenizer = load_tokenizer(self.model_dir, self.max_length)
+        self._tokenizer_lock = threading.Lock()  # HF tokenizers are not documented as safe across threads
+        self._pad_id = self._tokenizer.pad_id
 
     def describe(self) -> dict:
         """What an index manifest records about the encoder, so the server encodes queries the same way."""
-        if self._weights_sha256 is None:
-            self._weights_sha256 = file_sha256(self.model_dir / "model.safetensors")
         return {
             "name": self.name, "path": str(self.model_dir.resolve()), "dim": self.dim, "pooling": self.pooling,
             "normalize": "l2", "max_length": self.max_length, "query_prefix": self.query_prefix,
@@ -140,8 +180,7 @@ class TextEncoder:
 
     def tokenize(self, texts) -> list[list[int]]:
         with self._tokenizer_lock:
-            return self._tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False,
-                                   return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+            return self._tokenizer(list(texts))
 
     def embed(self, texts) -> np.ndarray:
         """texts: list[str] (prefixes already applied) -> float32[N, D], unit rows, in input order."""

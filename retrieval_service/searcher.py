@@ -13,7 +13,6 @@ import pathlib
 import numpy as np
 
 from retrieval_service import dense_index
-from retrieval_service.bm25_index import BM25Searcher
 from retrieval_service.build_index import read_manifest
 from retrieval_service.docstore import DocumentStore
 
@@ -41,6 +40,8 @@ class Searcher:
                                                    flat_kernel=flat_kernel, mmap=mmap, ef_search=ef_search,
                                                    nprobe=nprobe)
         else:
+            from retrieval_service.bm25_index import BM25Searcher  # bm25s imports JAX when installed: BM25 only
+
             self.index = BM25Searcher(self.index_dir)
             if encoder_dir is not None:
                 from retrieval_service.encoder import TextEncoder
