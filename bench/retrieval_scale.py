@@ -172,6 +172,8 @@ def main() -> int:
     parser.add_argument("--cell-seconds", type=float, default=8.0)
     parser.add_argument("--cell-requests", type=int, default=1500)
     parser.add_argument("--keep", action="store_true", help="keep the index files (default: delete each after use)")
+    parser.add_argument("--build-only", action="store_true",
+                        help="write the cached indexes and stop (building is not what is timed: run it unlocked)")
     args = parser.parse_args()
     import os
 
@@ -188,6 +190,12 @@ def main() -> int:
     print(f"load average {os.getloadavg()}", flush=True)
 
     baseline_dir = write_index_dir(cache / f"flat-1000-{args.dim}", 1000, "flat", encoder_info, args.dim)
+    if args.build_only:
+        for n in sizes:
+            for kind in kinds:
+                if not (kind == "hnsw" and n > args.hnsw_max):
+                    write_index_dir(cache / f"{kind}-{n}-{args.dim}", n, kind, encoder_info, args.dim)
+        return 0
     base = serve_and_measure(baseline_dir, False, args, pool)
     print(f"baseline server (1,000 x {args.dim} flat): start-up {base['startup_s']:.1f} s, RSS {base['rss']:.0f} MiB, "
           f"PSS {base['pss']:.0f} MiB", flush=True)

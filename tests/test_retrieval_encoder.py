@@ -118,3 +118,13 @@ def test_unsupported_architecture_is_rejected_with_the_config_path(tiny_e5_dir, 
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"not-bert/config\.json: model_type 'qwen2'"):
         load_bert(other)
+
+
+def test_tokenizer_json_gives_the_token_ids_of_transformers_fast_tokenizer(retrieval_encoder):
+    from transformers import AutoTokenizer
+
+    texts = TEXTS + ["Ünïcödé  ТЕКСТ 東京 🙂 tabs\tand\nnewlines", "  leading and trailing  "]
+    reference = AutoTokenizer.from_pretrained(str(default_encoder_dir()))(
+        texts, truncation=True, max_length=retrieval_encoder.max_length)["input_ids"]
+    assert retrieval_encoder.tokenize(texts) == reference
+    assert max(len(ids) for ids in reference) == retrieval_encoder.max_length == 256  # truncation exercised
