@@ -257,13 +257,13 @@ def test_http_keeps_the_connection_alive_across_requests(retrieval_server):
 
 
 def test_http_answers_503_when_the_queue_is_full_504_past_the_deadline_and_keeps_serving(dense_flat_index):
-    # The worker busy with 256 passage-long queries (16 encoder calls of 16, each ~1 s on 2 cores); a queue of
-    # one; a 1.5 s deadline.
+    # The worker busy with 128 passage-long queries (2 encoder calls of 64 x 256 tokens, several seconds each on
+    # 2 cores); a queue of one; a 1.5 s deadline.
     with RetrievalServer(dense_flat_index, http_port=0, extra_args=[
-            "--max-queued", "1", "--request-timeout-s", "1.5", "--max-batch", "16"]) as server:
+            "--max-queued", "1", "--request-timeout-s", "1.5", "--max-batch", "64"]) as server:
         url = server.http_url + "/retrieve"
         long_query = " ".join(f"{title} {text}" for title, text in corpus_documents()[:12])[:2000]
-        heavy = json.dumps({"queries": [f"{i} {long_query}" for i in range(256)]}).encode()
+        heavy = json.dumps({"queries": [f"{i} {long_query}" for i in range(128)]}).encode()
         outcomes = {}
 
         def send(name, body):
@@ -271,7 +271,7 @@ def test_http_answers_503_when_the_queue_is_full_504_past_the_deadline_and_keeps
 
         first = threading.Thread(target=send, args=("first", heavy))
         first.start()
-        time.sleep(0.3)  # the worker has taken the heavy request from the queue and is encoding it
+        time.sleep(1.0)  # the worker has taken the heavy request from the queue and is encoding it
         second = threading.Thread(target=send, args=("second", json.dumps({"queries": ["queued"]}).encode()))
         second.start()
         time.sleep(0.2)
