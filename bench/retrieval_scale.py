@@ -132,7 +132,10 @@ def serve_and_measure(index: pathlib.Path, mmap: bool, args, pool) -> dict:
     with server:
         startup = time.monotonic() - started
         RetrievalClient(server.address, deadline_s=120).retrieve(pool[:8], 3)  # touch the index once
-        qps, p50, p99, errors = run_cell(server.address, pool, 1, 32, args.cell_seconds, args.cell_requests)
+        qps = p50 = p99 = float("nan")
+        errors = 0
+        if args.cell_seconds > 0:
+            qps, p50, p99, errors = run_cell(server.address, pool, 1, 32, args.cell_seconds, args.cell_requests)
         rss, pss = memory_mib(server.pid)
     return {"startup_s": startup, "rss": rss, "pss": pss, "qps": qps, "p50": p50, "p99": p99, "errors": errors}
 
@@ -169,7 +172,7 @@ def main() -> int:
     parser.add_argument("--hnsw-max", type=int, default=500_000, help="largest HNSW index built (it builds slowly)")
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--cache", default=str(ROOT / "runs" / "bench_cache" / "scale"))
-    parser.add_argument("--cell-seconds", type=float, default=8.0)
+    parser.add_argument("--cell-seconds", type=float, default=8.0, help="0: memory and start-up only, no load")
     parser.add_argument("--cell-requests", type=int, default=1500)
     parser.add_argument("--keep", action="store_true", help="keep the index files (default: delete each after use)")
     parser.add_argument("--build-only", action="store_true",
