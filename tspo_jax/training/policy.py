@@ -56,7 +56,8 @@ class PolicyModel:
         try:
             _, model = load_hf_checkpoint(model_dir or self.model_dir, mesh=self.mesh, rules=self.rules,
                                           dtype=self.dtype, param_dtype=param_dtype or self.param_dtype,
-                                          remat=self.cfg.remat)
+                                          remat=self.cfg.remat, scan_layers=self.cfg.scan_layers,
+                                          attention=self.cfg.attention)
         except (OSError, ValueError) as error:
             raise StartupError(f"ModelSpec.checkpoint: {error}") from None
         return model
@@ -105,7 +106,8 @@ def policy_from_config(spec, cfg: Qwen2Config, mesh: jax.sharding.Mesh, rules, *
                        model_dir: pathlib.Path | None = None, tokenizer=None) -> PolicyModel:
     """The PolicyModel of a Qwen2Config's shapes (ModelSpec `spec` gives dtypes and remat) on `mesh`: no files
     are read, so it works from a preset or a config.json alone (the fit check)."""
-    cfg = cfg.replace(dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat)
+    cfg = cfg.replace(dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat, scan_layers=spec.scan_layers,
+                      attention=spec.attention)
     abstract_model = nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract_model)
     shardings = sharding.state_shardings(abstract_state, mesh, rules)
