@@ -35,11 +35,11 @@ def param_bytes_per_device(fsdp: int, itemsize: int) -> int:
     return (matrices // fsdp + replicated) * itemsize
 
 
-def decode_state_bytes_per_device(slots: int, cache_len: int, devices: int) -> int:
-    """K and V [layers, slots, S, kv_heads, head_dim] in fp32 plus the per-slot vectors (5 int32, a uint32
-    key pair, an active flag), slots split over the host's devices."""
+def decode_state_bytes_per_device(slots: int, cache_len: int, devices: int, itemsize: int = 4) -> int:
+    """K and V [layers, slots, S, kv_heads, head_dim] in the compute dtype plus the per-slot vectors (5 int32,
+    a uint32 key pair, an active flag), slots split over the host's devices."""
     c = TINY
-    per_slot = 2 * c.num_layers * cache_len * c.num_kv_heads * c.head_dim * 4 + 5 * 4 + 2 * 4 + 1
+    per_slot = 2 * c.num_layers * cache_len * c.num_kv_heads * c.head_dim * itemsize + 5 * 4 + 2 * 4 + 1
     return slots // devices * per_slot
 
 
@@ -74,16 +74,18 @@ def test_single_host_topology_counts_params_and_kv_cache_as_shapes_say(tmp_path,
 
 
 def test_multi_host_topology_gives_each_host_an_engine_copy_on_its_own_chips(tmp_path, capsys):
-    code, out, report = run(tmp_path, capsys, "--topology=v5p:2x2x2", "--gin.UpdateSpec.micro_batch_size=4")
+    code, out, report = run(tmp_path, capsys, "--topology=v5p:2x2x2", "--gin.UpdateSpec.micro_batch_size=4",
+                            "--gin.ModelSpec.dtype='bfloat16'")
     assert code == 0, out
     assert report["hosts"] == 2 and report["mesh"]["fsdp"] == 8
     held = report["held_bytes"]
-    assert held["policy params"] == param_bytes_per_device(fsdp=8, itemsize=4)
-    # Each host samples from its own whole copy, FSDP-split over its 4 chips only.
-    assert held["engine params"] == param_bytes_per_device(fsdp=4, itemsize=4)
+    assert held["policy params"] == param_bytes_per_device(fsdp=8, itemsize=4)  # fp32 master weights
+    assert held["reference"] == param_bytes_per_device(fsdp=8, itemsize=2)  # frozen: held in the bf16 compute dtype
+    # Each host samples from its own whole bf16 copy, FSDP-split over its 4 chips only.
+    assert held["engine params"] == param_bytes_per_device(fsdp=4, itemsize=2)
     slots = 8 * 4 // 2  # each host rolls out half of the step's trajectories
     assert report["shapes"]["slots"] == slots
-    assert held["KV cache + decode state"] == decode_state_bytes_per_device(slots, 256, devices=4)
+    assert held["KV cache + decode state"] == decode_state_bytes_per_device(slots, 256, devices=4, itemsize=2)
     assert report["shapes"]["micro_rows"] == 8  # 4 rows per host, both hosts in one global micro-batch
 
 

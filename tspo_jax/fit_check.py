@@ -145,6 +145,8 @@ class Report:
                            "matmul_flops_per_chip": self.update_stats.matmul_flops,
                            "matmul_flops_once_per_chip": self.update_stats.matmul_flops_once,
                            "cost_analysis_flops": float(self.update_cost.get("flops", 0.0)),
+                           "attention_kernel_calls": self.update_stats.kernel_calls,
+                           "attention_kernel_flops_per_chip": self.kernel_flops,
                            "predicted_s": self.update_predicted_s, "mfu": self.update_mfu,
                            "collectives": {op: {"count": c, "bytes": b}
                                            for op, (c, b) in self.update_stats.collectives.items()}}}
@@ -162,18 +164,33 @@ class Report:
         return self.peak.step_peak <= self.hbm_per_device
 
     @property
+    def peak_flops_per_device(self) -> float:
+        return self.topology.chip.bf16_tflops * 1e12 / self.topology.devices_per_chip
+
+    @property
+    def kernel_flops(self) -> float:
+        """FLOPs per chip inside the attention kernel, which XLA's cost model cannot see: the causal attention of
+        the model FLOPs, plus its recomputed forward under remat."""
+        if not self.update_stats.kernel_calls:
+            return 0.0
+        s, cfg = self.shapes, self.cfg
+        tokens = s.micro_batches * s.micro_rows * s.seq_len
+        attention = 6.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * s.seq_len * tokens
+        return attention * (4 / 3 if cfg.remat else 1.0) / len(self.topology.devices)
+
+    @property
     def update_predicted_s(self) -> float:
+        """XLA's cost model (its loops counted) plus the attention kernel's FLOPs at peak."""
         optimal = float(self.update_cost.get("optimal_seconds", 0.0) or 0.0)
-        peak_flops = self.topology.chip.bf16_tflops * 1e12 / self.topology.devices_per_chip
+        kernel_s = self.kernel_flops / self.peak_flops_per_device
         if optimal > 0:
-            return optimal * self.update_stats.loop_factor
-        return self.update_stats.matmul_flops / peak_flops
+            return optimal * self.update_stats.loop_factor + kernel_s
+        return self.update_stats.matmul_flops / self.peak_flops_per_device + kernel_s
 
     @property
     def update_mfu(self) -> float:
-        peak_flops = self.topology.chip.bf16_tflops * 1e12 / self.topology.devices_per_chip
         per_device = self.model_flops_per_update / len(self.topology.devices)
-        return per_device / (self.update_predicted_s * peak_flops)
+        return per_device / (self.update_predicted_s * self.peak_flops_per_device)
 
 
 def model_flops(cfg: Qwen2Config, tokens: int, seq_len: int) -> float:
@@ -212,11 +229,8 @@ def _compile(name: str, lowered, held_around: int, log) -> tuple[FunctionMemory,
     return FunctionMemory.of(name, compiled, seconds, held_around), compiled
 
 
-def run_fit_check(exp, topology: tpu.Topology, cfg: Qwen2Config, cfg_source: str, *, seq_len: int | None = None,
-                  log=lambda message: None) -> Report:
-    """Compile the experiment's functions for `topology` and account for their memory (see the module doc)."""
-    hosts = topology.num_hosts
-    shapes = step_shapes(exp, hosts, seq_len)
+def build_update(exp, topology: tpu.Topology, cfg: Qwen2Config, shapes: StepShapes):
+    """The trainer's PolicyModel and PolicyUpdate for the experiment on the topology's devices (shapes only)."""
     try:
         mesh, rules = make_mesh(exp.mesh, devices=topology.devices)
     except ValueError as error:
@@ -228,9 +242,30 @@ def run_fit_check(exp, topology: tpu.Topology, cfg: Qwen2Config, cfg_source: str
                               optimizer=make_optimizer(exp.optimizer, total_updates),
                               schedule=learning_rate_schedule(exp.optimizer, total_updates), loss_config=exp.loss,
                               mesh=mesh, rules=rules, micro_batch_size=shapes.micro_per_host,
-                              logprob_chunk_size=exp.model.logprob_chunk_size, processes=hosts)
+                              logprob_chunk_size=exp.model.logprob_chunk_size, processes=topology.num_hosts)
     except ValueError as error:
         raise FitCheckError(f"UpdateSpec / MeshSpec: {error}") from None
+    return policy, update
+
+
+def load_experiment(flags: gin_config.GinFlags):
+    """The Experiment of gin flags, with stand-ins for the paths the fit check never reads."""
+    from tspo_jax import configurables
+
+    gin_config.load(flags, defaults=[gin_config.Binding(text, "the fit check's stand-in") for text in PLACEHOLDERS])
+    try:
+        return configurables.train()
+    except (ValueError, TypeError) as error:
+        raise gin_config.GinConfigError(f"bad configuration: {error}") from None
+
+
+def run_fit_check(exp, topology: tpu.Topology, cfg: Qwen2Config, cfg_source: str, *, seq_len: int | None = None,
+                  log=lambda message: None) -> Report:
+    """Compile the experiment's functions for `topology` and account for their memory (see the module doc)."""
+    hosts = topology.num_hosts
+    shapes = step_shapes(exp, hosts, seq_len)
+    policy, update = build_update(exp, topology, cfg, shapes)
+    mesh, rules = policy.mesh, policy.rules
     if hosts > 1:  # each host's engine runs on its own chips (training.multihost.HostReplicas)
         engine_mesh = multihost.host_mesh(0, exp.mesh.tensor, devices=topology.devices)
         engine_rules = sharding.normalize_rules(exp.mesh.rules or None, engine_mesh)
@@ -246,7 +281,7 @@ def run_fit_check(exp, topology: tpu.Topology, cfg: Qwen2Config, cfg_source: str
 
     params = bytes_per_device(policy.abstract_params)
     optimizer = bytes_per_device(update.abstract_optimizer_state(policy.abstract_params))
-    reference_state = policy.abstract_state(cfg.dtype)
+    reference_state = policy.abstract_state(policy.cfg.dtype)
     reference = bytes_per_device(reference_state) if update.uses_reference else 0
     engine_copy = hosts > 1 or jnp.dtype(exp.model.param_dtype) != jnp.dtype(exp.model.dtype)
     engine_params = bytes_per_device(engine.abstract_params()) if engine_copy else 0
@@ -398,11 +433,14 @@ def format_report(report: Report, exp, gin_files: Sequence[str]) -> list[str]:
         f"update (one mini-batch): model FLOPs {report.model_flops_per_update / len(t.devices):.3e} per chip; "
         f"compiled matmul FLOPs {stats.matmul_flops:.3e} per chip counting loops "
         f"({stats.matmul_flops_once:.3e} with each loop body once, as XLA's cost analysis counts: "
-        f"{float(cost.get('flops', 0.0)):.3e})",
+        f"{float(cost.get('flops', 0.0)):.3e})"
+        + (f" + {report.kernel_flops:.3e} in {stats.kernel_calls:g} attention-kernel calls" if stats.kernel_calls
+           else ""),
         f"  predicted {report.update_predicted_s:.3f} s per update ("
         + ("XLA cost model x loop trip counts" if float(cost.get("optimal_seconds", 0) or 0) > 0 else
-           "matmul FLOPs at peak") + f"), MFU {100 * report.update_mfu:.1f}% "
-        f"(at peak: {stats.matmul_flops / peak_flops:.3f} s)",
+           "matmul FLOPs at peak") + (" + the kernel's FLOPs at peak" if stats.kernel_calls else "")
+        + f"), MFU {100 * report.update_mfu:.1f}% "
+        f"(all compiled FLOPs at peak: {(stats.matmul_flops + report.kernel_flops) / peak_flops:.3f} s)",
         "  collectives per update per chip: " + (", ".join(
             f"{op} {nbytes / GIB:.3f} GiB ({count:g} ops)" for op, (count, nbytes) in stats.collectives.items())
             or "none"),
@@ -413,7 +451,8 @@ def format_report(report: Report, exp, gin_files: Sequence[str]) -> list[str]:
 def cfg_summary(cfg: Qwen2Config) -> str:
     params = sum(int(np.prod(v)) for v in _param_shapes(cfg))
     return (f"Qwen2 {params / 1e9:.2f}B params ({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab "
-            f"{cfg.vocab_size}), {cfg.dtype.name} compute, {cfg.param_dtype.name} params, remat={cfg.remat}")
+            f"{cfg.vocab_size}), {cfg.dtype.name} compute, {cfg.param_dtype.name} params, remat={cfg.remat}, "
+            f"scan_layers={cfg.scan_layers}, attention={cfg.attention}")
 
 
 def _param_shapes(cfg: Qwen2Config):
@@ -440,15 +479,8 @@ def parse_args(argv: Sequence[str]):
 def main(argv: Sequence[str] | None = None) -> int:
     flags, args = parse_args(sys.argv[1:] if argv is None else argv)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    from tspo_jax import configurables
-
     try:
-        gin_config.load(flags, defaults=[gin_config.Binding(text, "the fit check's stand-in")
-                                         for text in PLACEHOLDERS])
-        try:
-            exp = configurables.train()
-        except (ValueError, TypeError) as error:
-            raise gin_config.GinConfigError(f"bad configuration: {error}") from None
+        exp = load_experiment(flags)
         cfg, source = model_config(exp.model, args.model_config)
         topology = tpu.topology(args.topology)
         report = run_fit_check(exp, topology, cfg, source, seq_len=args.seq_len, log=log)

@@ -150,11 +150,13 @@ def _matmul_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
 class ProgramStats:
     """Per chip, for one call: matmul_flops counts every loop iteration, matmul_flops_once each loop body once
     (as cost_analysis does); collectives: op -> (count, bytes), each op's bytes the larger of its operand and
-    result (a reduce-scatter moves its full-size operand, an all-gather its full-size result)."""
+    result (a reduce-scatter moves its full-size operand, an all-gather its full-size result). XLA cannot see
+    inside a Pallas kernel, so its FLOPs are in neither count; kernel_calls says how many ran."""
 
     matmul_flops: float
     matmul_flops_once: float
     collectives: dict[str, tuple[float, float]]
+    kernel_calls: float = 0.0  # Pallas TPU kernels run (custom calls: their FLOPs are not in matmul_flops)
 
     @property
     def loop_factor(self) -> float:
@@ -168,7 +170,7 @@ class ProgramStats:
 def program_stats(hlo_text: str) -> ProgramStats:
     computations = _parse(hlo_text)
     times = _multipliers(computations)
-    flops = flops_once = 0.0
+    flops = flops_once = kernel_calls = 0.0
     collectives: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
     for name, computation in computations.items():
         factor = times.get(name, 0.0)
@@ -179,6 +181,8 @@ def program_stats(hlo_text: str) -> ProgramStats:
             op_flops = _matmul_flops(inst, shapes)
             flops += factor * op_flops
             flops_once += op_flops
+            if inst.opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in inst.rest:
+                kernel_calls += factor
             op = inst.opcode.removesuffix("-start")
             if op in _COLLECTIVES and not inst.opcode.endswith("-done"):
                 operands = re.findall(r"%([\w.\-]+)", inst.rest.split("),")[0])
@@ -190,4 +194,5 @@ def program_stats(hlo_text: str) -> ProgramStats:
                 collectives[op][0] += factor
                 collectives[op][1] += factor * max(operand_bytes, result_bytes)
     return ProgramStats(matmul_flops=flops, matmul_flops_once=flops_once,
-                        collectives={op: (count, nbytes) for op, (count, nbytes) in sorted(collectives.items())})
+                        collectives={op: (count, nbytes) for op, (count, nbytes) in sorted(collectives.items())},
+                        kernel_calls=kernel_calls)

@@ -159,6 +159,9 @@ class PolicyUpdate:
         def accumulate(carry, micro):
             grads, loss, metrics = carry
             (micro_loss, micro_metrics), micro_grads = grad_fn(params, micro, num_tokens, num_sequences)
+            # Each weight's gradient lands on its parameter's FSDP shard: XLA then reduce-scatters it instead of
+            # all-reducing the full tensor to every device (a 2 GiB fp32 LM head gradient on 7B).
+            micro_grads = jax.lax.with_sharding_constraint(micro_grads, self.param_shardings)
             grads = jax.tree.map(jnp.add, grads, micro_grads)
             metrics = {
                 name: (jnp.minimum(metrics[name], value) if name == "ratio_min" else
