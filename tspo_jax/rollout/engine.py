@@ -231,15 +231,18 @@ class Engine:
         shardings = self._state_shardings(num_slots)
 
         def build():
-            return _zero_state(self.cfg, num_slots, self._max_cache_len, self._cache_dtype)
+            cache = KVCache.init(self.cfg, batch=num_slots, max_len=self._max_cache_len, dtype=self._cache_dtype)
+            zeros = jnp.zeros((num_slots,), jnp.int32)
+            return DecodeState(cache=cache, lengths=zeros, tokens=zeros, keys=jnp.zeros((num_slots, 2), jnp.uint32),
+                               stop_states=zeros, turn_lengths=zeros, budgets=zeros,
+                               active=jnp.zeros((num_slots,), bool))
 
         return jax.jit(build, out_shardings=shardings)()
 
     def abstract_decode_state(self) -> DecodeState:
-        """init_decode_state()'s shapes, dtypes and shardings, without touching a device."""
-        shardings = self._state_shardings(self._slots)
-        shapes = jax.eval_shape(lambda: _zero_state(self.cfg, self._slots, self._max_cache_len, self._cache_dtype))
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+        """init_decode_state()'s shapes, dtypes and shardings (traced, never run: no device is touched)."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            jax.eval_shape(self.init_decode_state), self._state_shardings(self._slots))
 
     def init_decode_state(self) -> DecodeState:
         """All slots free, the cache zeroed, laid out on the mesh (slots over the 'batch' rule's axes)."""
@@ -479,14 +482,6 @@ class Engine:
                 else:  # a slot's result is that of its last chunk
                     merged = jax.tree.map(lambda new, old: jnp.where(result.valid, new, old), result, merged)
         return state, merged, logits  # logits: of the last call's rows (prefill's single sequence)
-
-
-def _zero_state(cfg, num_slots: int, max_len: int, cache_dtype) -> DecodeState:
-    """Every slot free, the cache zeroed (traced under jit or eval_shape)."""
-    cache = KVCache.init(cfg, batch=num_slots, max_len=max_len, dtype=cache_dtype)
-    zeros = jnp.zeros((num_slots,), jnp.int32)
-    return DecodeState(cache=cache, lengths=zeros, tokens=zeros, keys=jnp.zeros((num_slots, 2), jnp.uint32),
-                       stop_states=zeros, turn_lengths=zeros, budgets=zeros, active=jnp.zeros((num_slots,), bool))
 
 
 def _axes(value) -> tuple[str, ...]:
