@@ -17,6 +17,8 @@ import dataclasses
 import math
 import re
 
+import numpy as np
+
 _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4,
                 "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16,
                 "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1}
@@ -130,20 +132,59 @@ def _matmul_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
             return 0.0
         contraction = math.prod(lhs[0][1][int(d)] for d in dims.group(1).split(",") if d)
         return 2.0 * out_elements * contraction
+    lhs = _arrays(shapes.get(operands[0], "")) if operands else []
     rhs = _arrays(shapes.get(operands[1], "")) if len(operands) > 1 else []
-    labels = re.search(r"dim_labels=\w*_(\w+)->", inst.rest)
-    if not rhs or not labels:
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", inst.rest)
+    if not lhs or not rhs or not labels:
         return 0.0
-    # Kernel dims: "i" is contracted, "o" is not, a digit k is window dim k. XLA:TPU writes batched matmuls as
-    # convolutions whose batch dims are base-dilated windows (lhs_dilate = size): one tap per output, no sum.
-    window = re.search(r"window=\{([^}]*)\}", inst.rest)
-    dilate = re.search(r"lhs_dilate=([\dx]+)", window.group(1)) if window else None
-    dilations = [int(d) for d in dilate.group(1).split("x")] if dilate else []
-    contraction = 1
-    for size, label in zip(rhs[0][1], labels.group(1)):
-        if label == "i" or (label.isdigit() and (dilations[int(label)] if dilations else 1) == 1):
-            contraction *= size
-    return 2.0 * out_elements * contraction
+    lhs_labels, kernel_labels, out_labels = labels.groups()
+    # Every output element sums over the kernel's input features and, per window (spatial) dim, over the taps
+    # that land on real input. XLA:TPU writes batched matmuls as convolutions whose batch dims are windows over
+    # dilated or padded inputs (one real tap per output), so taps are counted, not window sizes.
+    contraction = math.prod(size for size, label in zip(rhs[0][1], kernel_labels) if label == "i")
+    window = _window(inst.rest)
+    out_shape = outputs[0][1]
+    spatial_out = 1
+    for d, label in enumerate(out_labels):
+        if label.isdigit():
+            k = int(label)
+            s_in = lhs[0][1][lhs_labels.index(label)]
+            s_out = out_shape[d]
+            spatial_out *= s_out
+            if k < len(window[0]):
+                contraction *= _valid_taps(s_in, s_out, *(w[k] for w in window))
+            else:  # no window attribute: a plain valid convolution over the kernel's extent
+                contraction *= s_out * rhs[0][1][kernel_labels.index(label)]
+    return 2.0 * out_elements / max(spatial_out, 1) * contraction
+
+
+def _window(text: str) -> tuple[list[int], ...]:
+    """(size, stride, pad_low, lhs_dilate, rhs_dilate) lists, one entry per window dim."""
+    match = re.search(r"window=\{([^}]*)\}", text)
+    fields = dict(item.split("=", 1) for item in match.group(1).split()) if match else {}
+    sizes = [int(x) for x in fields.get("size", "").split("x") if x]
+    n = len(sizes)
+
+    def ints(name, default):
+        return [int(x) for x in fields[name].split("x")] if name in fields else [default] * n
+
+    pads = [int(p.split("_")[0]) for p in fields["pad"].split("x")] if "pad" in fields else [0] * n
+    return sizes, ints("stride", 1), pads, ints("lhs_dilate", 1), ints("rhs_dilate", 1)
+
+
+def _valid_taps(s_in: int, s_out: int, size: int, stride: int, pad_low: int, lhs_dilate: int,
+                rhs_dilate: int) -> int:
+    """How many (output position, window tap) pairs of one window dim read a real input element."""
+    key = (s_in, s_out, size, stride, pad_low, lhs_dilate, rhs_dilate)
+    if key not in _TAPS:
+        outputs = np.arange(s_out)[:, None] * stride - pad_low
+        positions = outputs + np.arange(size)[None, :] * rhs_dilate  # in the lhs-dilated input
+        real = (positions >= 0) & (positions <= (s_in - 1) * lhs_dilate) & (positions % lhs_dilate == 0)
+        _TAPS[key] = int(real.sum())
+    return _TAPS[key]
+
+
+_TAPS: dict[tuple, int] = {}
 
 
 @dataclasses.dataclass(frozen=True)
