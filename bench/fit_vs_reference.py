@@ -16,8 +16,6 @@ global-norm clipping. Same shapes, same mesh (FSDP over every chip), same donati
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import sys
 import time
 

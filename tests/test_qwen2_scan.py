@@ -29,14 +29,18 @@ def batch():
     return tokens, positions, mask
 
 
-def _loss_and_grads(model, batch):
+def _logits_loss_and_grads(model, batch):
     graphdef, params = nnx.split(model)
 
     def loss(params):
         logp, entropy = token_log_probs(nnx.merge(graphdef, params), *batch, chunk_size=8)
         return logp.sum() + 0.1 * entropy.sum()
 
-    return jax.value_and_grad(loss)(params)
+    @jax.jit
+    def run(params):
+        return nnx.merge(graphdef, params)(*batch), jax.value_and_grad(loss)(params)
+
+    return run(params)
 
 
 @pytest.mark.parametrize("remat", [False, True])
@@ -44,8 +48,9 @@ def test_scanned_layers_match_the_layer_loop_forward_and_gradient(checkpoint, ba
     cfg, loop = load_hf_checkpoint(checkpoint, remat=remat)
     scan_cfg, scanned = load_hf_checkpoint(checkpoint, remat=remat, scan_layers=True)
     assert scanned.layers.mlp.up_kernel.get_value().shape == (3, cfg.hidden_size, cfg.intermediate_size)
-    np.testing.assert_allclose(scanned(*batch[:2], batch[2]), loop(*batch[:2], batch[2]), rtol=1e-5, atol=1e-5)
-    (loss_loop, grads_loop), (loss_scan, grads_scan) = _loss_and_grads(loop, batch), _loss_and_grads(scanned, batch)
+    logits_loop, (loss_loop, grads_loop) = _logits_loss_and_grads(loop, batch)
+    logits_scan, (loss_scan, grads_scan) = _logits_loss_and_grads(scanned, batch)
+    np.testing.assert_allclose(logits_scan, logits_loop, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(loss_scan, loss_loop, rtol=1e-5)
     flat_loop = dict(nnx.to_flat_state(grads_loop))
     for path, value in nnx.to_flat_state(grads_scan):
@@ -66,11 +71,18 @@ def test_scanned_layers_fill_and_read_the_kv_cache_like_the_loop(checkpoint, bat
     positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     outputs = []
     for model in (loop, scanned):
-        cache = KVCache.init(cfg, batch=2, max_len=40)
-        logits, cache = model(tokens, positions, cache=cache, cache_start=start)
-        step = tokens[:, :1]
-        next_logits, cache = model(step, positions[:, -1:] + 1, cache=cache, cache_start=start + tokens.shape[1])
-        outputs.append((logits, next_logits, cache.k, cache.v))
+        graphdef, params = nnx.split(model)
+
+        @jax.jit
+        def prefill_then_decode(params):
+            model = nnx.merge(graphdef, params)
+            cache = KVCache.init(cfg, batch=2, max_len=40)
+            logits, cache = model(tokens, positions, cache=cache, cache_start=start)
+            next_logits, cache = model(tokens[:, :1], positions[:, -1:] + 1, cache=cache,
+                                       cache_start=start + tokens.shape[1])
+            return logits, next_logits, cache.k, cache.v
+
+        outputs.append(prefill_then_decode(params))
     for got, want in zip(outputs[1], outputs[0]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

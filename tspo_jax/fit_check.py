@@ -51,7 +51,7 @@ from tspo_jax.training.batch import bucketed_length  # noqa: E402
 from tspo_jax.training.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
 from tspo_jax.training.policy import make_mesh, policy_from_config  # noqa: E402
 from tspo_jax.training.rollouts import build_engine, engine_slots  # noqa: E402
-from tspo_jax.training.update import PolicyUpdate, batch_shards  # noqa: E402
+from tspo_jax.training.update import PolicyUpdate  # noqa: E402
 from tspo_jax.algorithms import advantages as estimators  # noqa: E402
 
 # Stand-ins for the paths an experiment file requires and the fit check never reads; flags override them.
@@ -470,7 +470,8 @@ def parse_args(argv: Sequence[str]):
                                      epilog="gin flags as for tspo_jax.train: --gin_file F, --gin.NAME=VALUE, …")
     parser.add_argument("--topology", required=True, help="e.g. v5p:2x2x1, v5e:4x4, v6e:2x4, v5p:2x2x2")
     parser.add_argument("--model_config", help="a preset (0.5b, 1.5b, 3b, 7b, tiny) or a HF config.json / directory")
-    parser.add_argument("--seq_len", type=int, help="tokens per trajectory row (default: the longest the trainer packs)")
+    parser.add_argument("--seq_len", type=int,
+                        help="tokens per trajectory row (default: the longest the trainer packs)")
     parser.add_argument("--json", help="also write the measurements (bytes per chip, seconds) to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return flags, parser.parse_args(rest)

@@ -358,9 +358,10 @@ class Engine:
 
     def lower(self, *, decode_steps: int, prefill_rows: int | None = None,
               prefill_length: int | None = None) -> dict[str, jax.stages.Lowered]:
-        """The engine's jitted functions lowered for its abstract params (`abstract_params`) and decode state: "generate" (decode_steps fused steps) and "append" (the largest prefill call: prefill_rows
-        rows, default the most one call takes, of prefill_length tokens, default max_prefill_length). Nothing is
-        transferred, so this works for compile-only devices (tspo_jax.fit_check)."""
+        """The engine's jitted functions lowered for its abstract params (`abstract_params`) and decode state:
+        "generate" (decode_steps fused steps) and "append" (the largest prefill call: prefill_rows rows, default
+        the most one call takes, of prefill_length tokens, default max_prefill_length). Nothing is transferred,
+        so this works for compile-only devices (tspo_jax.fit_check)."""
         replicated = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())
         tables = [jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=replicated) for t in self._host_tables]
         params, state = self.abstract_params(), self.abstract_decode_state()
