@@ -426,6 +426,7 @@ def format_report(report: Report, exp, gin_files: Sequence[str]) -> list[str]:
                  f"{sum(f.compile_s for f in report.functions):.0f} s)")
     stats, cost = report.update_stats, report.update_cost
     peak_flops = t.chip.bf16_tflops * 1e12 / t.devices_per_chip
+    updates = exp.update.mini_batches * exp.update.epochs
     if not stats.matmul_flops:
         return lines + ["", "update: not compiled (out of HBM), so no FLOPs or time to report"]
     lines += [
@@ -443,7 +444,7 @@ def format_report(report: Report, exp, gin_files: Sequence[str]) -> list[str]:
         f"(all compiled FLOPs at peak: {(stats.matmul_flops + report.kernel_flops) / peak_flops:.3f} s)",
         "  collectives per update per chip: " + (", ".join(
             f"{op} {nbytes / GIB:.3f} GiB ({count:g} ops)" for op, (count, nbytes) in stats.collectives.items())
-            or "none"),
+            or "none") + f"; per step ({updates} updates): {stats.collective_bytes * updates / GIB:.1f} GiB",
     ]
     return lines
 
