@@ -225,6 +225,8 @@ def program_stats(hlo_text: str) -> ProgramStats:
             if inst.opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in inst.rest:
                 kernel_calls += factor
             op = inst.opcode.removesuffix("-start")
+            if op == "all-reduce" and name.startswith("all-reduce-scatter"):
+                op = "reduce-scatter"  # XLA:TPU's reduce-scatter: a fusion around an all-reduce, moving 1/N out
             if op in _COLLECTIVES and not inst.opcode.endswith("-done"):
                 operands = re.findall(r"%([\w.\-]+)", inst.rest.split("),")[0])
                 operand_bytes = sum(_nbytes(shapes.get(o, "")) for o in operands)

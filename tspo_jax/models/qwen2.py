@@ -17,6 +17,7 @@ Naming follows the Hugging Face module tree so tspo_jax.models.hf_io maps tensor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 from typing import Any, Union
@@ -221,24 +222,28 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-@jax.custom_vjp
-def linear(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x: [..., K] @ w: [K, N] -> [..., N].
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def linear(x: jax.Array, w: jax.Array, w_axes: tuple[str, str] | None = None) -> jax.Array:
+    """x: [..., K] @ w: [K, N] -> [..., N]; w_axes: w's logical axes (for its gradient's sharding).
 
     Same math as `x @ w`; the hand-written backward forms the weight gradient as x^T @ dy over the flattened
     tokens. Left to itself XLA:CPU transposes the (larger) output gradient for that contraction, which made the
-    transformer layers ~25% slower on CPU; TPUs fold either form into the matmul.
+    transformer layers ~25% slower on CPU; TPUs fold either form into the matmul. That gradient is a partial sum
+    over each device's rows; pinned to the weight's own (FSDP) sharding, XLA reduce-scatters it onto the shards
+    instead of all-reducing the whole matrix to every device.
     """
     return x @ w
 
 
-def _linear_fwd(x, w):
+def _linear_fwd(x, w, w_axes):
     return x @ w, (x, w)
 
 
-def _linear_bwd(residuals, d_out):
+def _linear_bwd(w_axes, residuals, d_out):
     x, w = residuals
     d_w = x.reshape(-1, x.shape[-1]).T @ d_out.reshape(-1, d_out.shape[-1])
+    if w_axes is not None:
+        d_w = sharding.constrain(d_w, w_axes)
     return d_out @ w.T, d_w.astype(w.dtype)
 
 
@@ -380,7 +385,8 @@ class Attention(nnx.Module):
     def _project(self, x, kernel, bias, axes):
         """x: [B, T, D] -> [B, T, heads, Dh] through a [D, heads, Dh] kernel and [heads, Dh] bias."""
         dt, (d, heads, dh) = self.cfg.dtype, kernel.shape
-        y = linear(x, kernel[...].astype(dt).reshape(d, heads * dh)).reshape(*x.shape[:2], heads, dh)
+        kernel_axes = ("embed", axes.removeprefix("act_"))  # act_q_heads -> the kernel's q_heads
+        y = linear(x, kernel[...].astype(dt).reshape(d, heads * dh), kernel_axes).reshape(*x.shape[:2], heads, dh)
         return sharding.constrain(y + bias[...].astype(dt), ("batch", "length", axes, "head_dim"))
 
     def __call__(self, x, cos, sin, mask, cache=None, layer=0, cache_start=None):
@@ -404,7 +410,7 @@ class Attention(nnx.Module):
             out = grouped_attention(q, k, v, mask)
         out = out.reshape(*x.shape[:2], cfg.num_heads * cfg.head_dim)
         o_kernel = self.o_kernel[...].astype(cfg.dtype).reshape(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
-        return linear(out, o_kernel), cache
+        return linear(out, o_kernel, ("q_heads", "embed")), cache
 
 
 class MLP(nnx.Module):
@@ -418,10 +424,10 @@ class MLP(nnx.Module):
         self.down_kernel = _param(rngs, (f, d), ("mlp", "embed"), cfg, "normal", stacked)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = linear(x, self.gate_kernel[...].astype(self.dtype))
-        up = linear(x, self.up_kernel[...].astype(self.dtype))
+        gate = linear(x, self.gate_kernel[...].astype(self.dtype), ("embed", "mlp"))
+        up = linear(x, self.up_kernel[...].astype(self.dtype), ("embed", "mlp"))
         hidden = sharding.constrain(swiglu(gate, up), ("batch", "length", "act_mlp"))
-        return linear(hidden, self.down_kernel[...].astype(self.dtype))
+        return linear(hidden, self.down_kernel[...].astype(self.dtype), ("mlp", "embed"))
 
 
 class Block(nnx.Module):
