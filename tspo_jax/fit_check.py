@@ -267,7 +267,7 @@ def run_fit_check(exp, topology: tpu.Topology, cfg: Qwen2Config, cfg_source: str
     policy, update = build_update(exp, topology, cfg, shapes)
     mesh, rules = policy.mesh, policy.rules
     if hosts > 1:  # each host's engine runs on its own chips (training.multihost.HostReplicas)
-        engine_mesh = multihost.host_mesh(0, exp.mesh.tensor, devices=topology.devices)
+        engine_mesh = multihost.host_mesh(0, exp.mesh.tensor, devices=topology.one_host().devices)
         engine_rules = sharding.normalize_rules(exp.mesh.rules or None, engine_mesh)
     else:
         engine_mesh, engine_rules = mesh, rules

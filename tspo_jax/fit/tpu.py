@@ -56,6 +56,18 @@ class Topology:
     def host_devices(self, process: int) -> list:
         return [d for d in self.devices if d.process_index == process]
 
+    def one_host(self) -> "Topology":
+        """A single host of this slice as its own topology (v5e:4x4 -> v5e:2x2). A host's rollout engine is a
+        program of its own chips; libtpu compiles such a program only for devices numbered from 0, which the
+        other hosts' chips of a slice are not."""
+        if self.num_hosts == 1:
+            return self
+        coords = [tuple(d.coords) for d in self.host_devices(0)]
+        extents = [max(c[i] for c in coords) - min(c[i] for c in coords) + 1 for i in range(len(coords[0]))]
+        generation, shape = self.name.split(":")
+        extents = extents[:len(shape.split("x"))]
+        return topology(f"{generation}:{'x'.join(map(str, extents))}")
+
 
 def prepare_compile_only_process() -> None:
     """Before JAX starts: run on the host CPU and never claim a TPU (a fit check beside a training run on a TPU
