@@ -14,8 +14,8 @@ from tspo_jax import fit_check  # noqa: E402
 
 TINY = PRESETS["tiny"]
 # Short sequences and contexts keep each compile small; the shapes are what the test counts.
-SMALL = ["--gin_file=configs/experiments/tiny_cpu.gin", "--gin.AgentConfig.max_context_tokens=256",
-         "--gin.UpdateSpec.min_sequence_length=256", "--quiet"]
+SMALL = ["--gin_file=configs/experiments/tiny_cpu.gin", "--model_config=tiny",
+         "--gin.AgentConfig.max_context_tokens=256", "--gin.UpdateSpec.min_sequence_length=256", "--quiet"]
 
 
 def run(tmp_path, capsys, *args):
@@ -54,17 +54,17 @@ def test_single_host_topology_counts_params_and_kv_cache_as_shapes_say(tmp_path,
     assert held["reference"] == held["policy params"]  # tiny_cpu computes in fp32: the reference is fp32 too
     assert held["engine params"] == 0  # fp32 compute: the engine decodes from the policy's own arrays
     assert held["optimizer state"] >= 2 * held["policy params"]  # Adam's two moments, and counters
-    slots = 8 * 4  # prompts x samples, one slot per trajectory
+    slots = 8 * 5  # prompts x samples, one slot per trajectory
     assert report["shapes"]["slots"] == slots
     assert held["KV cache + decode state"] == decode_state_bytes_per_device(slots, 256, devices=4)
     names = [f["name"] for f in report["functions"]]
     assert names == ["update", "logprobs.policy", "logprobs.reference", "engine.append", "engine.generate",
                      "advantages"]
     update = report["functions"][0]
-    # The update's arguments are the params, the optimizer state and one mini-batch (7 fields of 16 rows x 256
+    # The update's arguments are the params, the optimizer state and one mini-batch (7 fields of 40 rows x 256
     # tokens, 4 bytes each but the bool attention mask, the rows split over the 4 devices). XLA:TPU lays small
     # arrays out in (8, 128) tiles, so its buffers are at least the logical bytes (a tiny model's much more).
-    minibatch = (6 * 4 + 1) * 16 * 256 // 4
+    minibatch = (6 * 4 + 1) * 40 * 256 // 4
     assert update["argument"] >= held["policy params"] + held["optimizer state"] + minibatch
     assert update["alias"] >= held["policy params"] + held["optimizer state"]  # donated, updated in place
     generate = next(f for f in report["functions"] if f["name"] == "engine.generate")
@@ -88,7 +88,7 @@ def test_multi_host_topology_gives_each_host_an_engine_copy_on_its_own_chips(tmp
     assert held["reference"] == param_bytes_per_device(fsdp=8, itemsize=2)  # frozen: held in the bf16 compute dtype
     # Each host samples from its own whole bf16 copy, FSDP-split over its 4 chips only.
     assert held["engine params"] == param_bytes_per_device(fsdp=4, itemsize=2)
-    slots = 8 * 4 // 2  # each host rolls out half of the step's trajectories
+    slots = 8 * 5 // 2  # each host rolls out half of the step's trajectories
     assert report["shapes"]["slots"] == slots
     assert held["KV cache + decode state"] == decode_state_bytes_per_device(slots, 256, devices=4, itemsize=2)
     assert report["shapes"]["micro_rows"] == 8  # 4 rows per host, both hosts in one global micro-batch
