@@ -44,11 +44,14 @@ def test_the_service_the_trainer_starts_encodes_on_the_host_cpu(parent_wants_tpu
 
 
 def test_the_service_process_is_started_with_jax_on_the_cpu_and_device_opts_out(parent_wants_tpu, dense_flat_index):
-    with RetrievalServer(dense_flat_index) as server:
+    jax_encoder = ["--encoder-runtime", "jax"]  # the service's JAX encoder, so JAX is surely used
+    with RetrievalServer(dense_flat_index, extra_args=jax_encoder) as server:
         assert _child_environment(server.pid)["JAX_PLATFORMS"] == "cpu"
         assert "--device" not in server.command()
+        with RetrievalClient(server.address) as client:
+            assert len(client.retrieve(["river"], top_k=1)[0]) == 1
     # Told to use the accelerators, it honours the environment, which names a TPU that is not here.
-    on_device = RetrievalServer(dense_flat_index, device=True, start_timeout_s=120)
+    on_device = RetrievalServer(dense_flat_index, device=True, extra_args=jax_encoder, start_timeout_s=120)
     assert "--device" in on_device.command() and on_device.environment()["JAX_PLATFORMS"] == "tpu"
     with pytest.raises(RuntimeError, match="exited with code"):
         on_device.start()
@@ -59,7 +62,8 @@ def test_serve_by_hand_pins_the_cpu_itself(parent_wants_tpu, dense_flat_index, t
     ready = tmp_path / "ready.json"
     process = subprocess.Popen(
         [sys.executable, "-m", "retrieval_service.serve", "--index", str(dense_flat_index), "--port", "0",
-         "--ready-file", str(ready)], cwd=ROOT, env=os.environ.copy(), stdout=subprocess.DEVNULL,
+         "--encoder-runtime", "jax", "--ready-file", str(ready)], cwd=ROOT, env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     try:
         import json
