@@ -2,6 +2,7 @@
 #   make train   runs the main job (configs/experiments/tiny_cpu.gin) on this machine
 #   make test    runs the whole test suite
 # Both create .venv from the requirement files when it is missing or stale.
+#   make fit-check FIT_GIN=… FIT_TOPOLOGY=…   will that experiment fit on that TPU slice (compiled on this host)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,7 +12,7 @@ PYTEST_ARGS ?=
 # Generated gRPC code for the retrieval service (never hand-edited, never committed).
 PROTO_OUT := retrieval_service/retrieval_pb2.py retrieval_service/retrieval_pb2_grpc.py
 
-.PHONY: venv dev proto test train sft-demo compare bench clean
+.PHONY: venv dev tpu proto test train sft-demo compare bench fit-check clean
 
 $(VENV)/.runtime-installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,12 +22,18 @@ $(VENV)/.runtime-installed: requirements.txt requirements-nodeps.txt pyproject.t
 	PYTHONWARNINGS=ignore $(PIP) install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.dev-installed: $(VENV)/.runtime-installed requirements-dev.txt
+$(VENV)/.dev-installed: $(VENV)/.runtime-installed requirements-dev.txt requirements-tpu.txt
 	$(PIP) install --quiet -r requirements-dev.txt
+	touch $@
+
+# libtpu: compiles for TPU topologies on any host (the fit check); on a TPU VM it also runs them.
+$(VENV)/.tpu-installed: $(VENV)/.runtime-installed requirements-tpu.txt
+	$(PIP) install --quiet -r requirements-tpu.txt
 	touch $@
 
 venv: $(VENV)/.runtime-installed
 dev: $(VENV)/.dev-installed
+tpu: $(VENV)/.tpu-installed
 
 $(PROTO_OUT) &: retrieval_service/retrieval.proto $(VENV)/.runtime-installed
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. retrieval_service/retrieval.proto
@@ -49,6 +56,11 @@ sft-demo: $(VENV)/.runtime-installed proto
 compare: $(VENV)/.runtime-installed proto
 	$(PY) -m tspo_jax.compare --out runs/compare --seeds 0 1 2 --parallel 2 $(COMPARE_ARGS) \
 		-- --gin_file=configs/experiments/compare_demo.gin
+
+FIT_GIN ?= configs/experiments/search_r1_qwen2_5_7b.gin
+FIT_TOPOLOGY ?= v5p:2x2x2
+fit-check: $(VENV)/.tpu-installed
+	$(PY) -m tspo_jax.fit_check --gin_file=$(FIT_GIN) --topology=$(FIT_TOPOLOGY) $(FIT_ARGS)
 
 bench: $(VENV)/.dev-installed proto
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -15,6 +15,7 @@ makes its own data, index and service.)
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import shlex
 import socket
@@ -37,7 +38,13 @@ def build_index_command(python: str, corpus: str, index: str, backend: str, enco
 
 
 def serve_command(python: str, index: str, port: int) -> list[str]:
+    """The service's JAX stays on the host CPU (no --device), leaving the accelerators to the trainer."""
     return [python, "-m", "retrieval_service.serve", "--index", index, "--port", str(port), "--host", "127.0.0.1"]
+
+
+def service_environment() -> dict[str, str]:
+    """The service's (and the index builder's) environment: ours with JAX on the host CPU."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 def train_command(python: str, train_args: list[str], address: str) -> list[str]:
@@ -86,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     for command in steps:
-        subprocess.run(command, check=True, cwd=REPO_ROOT)
-    service = subprocess.Popen(serve, cwd=REPO_ROOT)
+        subprocess.run(command, check=True, cwd=REPO_ROOT, env=service_environment())
+    service = subprocess.Popen(serve, cwd=REPO_ROOT, env=service_environment())
     try:
         wait_until_listening(port, service, args.startup_timeout)
         return subprocess.run(train, cwd=REPO_ROOT).returncode

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Train on a Cloud TPU VM or pod slice: create (or reuse) it, ship this checkout, install the pinned
-requirements with jax[tpu], copy the model to every worker, start the retrieval service on worker 0, and run
+requirements with the TPU runtime (requirements-tpu.txt), copy the model to every worker, start the retrieval service on worker 0, and run
 training on every worker.
 
     python launch/tpu_vm.py --tpu my-v5e --zone us-west4-a --accelerator-type v5litepod-16 \\
@@ -38,17 +38,7 @@ REMOTE_MODEL_DIR = "tspo_model"  # --model is copied here (in the home directory
 ARCHIVE = "tspo_jax_code.tar.gz"
 # Never shipped: local environments, outputs and caches (checkpoints live in RUN_DIR, usually on GCS).
 EXCLUDED = {".venv", ".git", "runs", "build", "__pycache__", ".pytest_cache", ".hypothesis", ".mypy_cache"}
-LIBTPU_RELEASES = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 RETRIEVAL_PORT = 50051
-
-
-def pinned_jax_version(requirements: pathlib.Path = REPO_ROOT / "requirements.txt") -> str:
-    """The jax version pinned for this checkout; jax[tpu] is installed at exactly this version."""
-    for line in requirements.read_text().splitlines():
-        match = re.fullmatch(r"jax==([^\s#]+)\s*(#.*)?", line.strip())
-        if match:
-            return match.group(1)
-    raise SystemExit(f"{requirements}: no exact 'jax==' pin found")
 
 
 def code_archive(root: pathlib.Path = REPO_ROOT) -> tuple[bytes, list[str]]:
@@ -124,14 +114,14 @@ class TpuVm:
         return result.stdout.strip()
 
 
-def install_command(jax_version: str) -> str:
-    """Creates the venv on a worker: the pinned runtime requirements, then jax[tpu] at the same jax version."""
+def install_command() -> str:
+    """Creates the venv on a worker: the pinned runtime requirements with the TPU runtime for the same jax
+    (requirements-tpu.txt: jax[tpu] and libtpu, from PyPI)."""
     return " && ".join([
         f"cd ~/{REMOTE_DIR}",
         "python3 -m venv .venv",
         ".venv/bin/pip install --quiet --upgrade pip",
-        ".venv/bin/pip install --quiet -r requirements.txt",
-        f".venv/bin/pip install --quiet 'jax[tpu]=={jax_version}' -f {LIBTPU_RELEASES}",
+        ".venv/bin/pip install --quiet -r requirements.txt -r requirements-tpu.txt",
         ".venv/bin/pip install --quiet --no-deps -r requirements-nodeps.txt",
         ".venv/bin/pip install --quiet --no-deps --no-build-isolation -e .",
     ])
@@ -163,8 +153,9 @@ def retrieval_command(index: str, encoder: str | None, port: int) -> str:
         encoder_arg = " --encoder ~/retrieval_encoder"
     elif encoder:
         encoder_arg = f" --encoder {shlex.quote(encoder)}"
-    serve = (f"nohup .venv/bin/python -m retrieval_service.serve --index {local_index}{encoder_arg} "
-             f"--host 0.0.0.0 --port {port} > ~/retrieval_service.log 2>&1 &")
+    # JAX_PLATFORMS=cpu (and no --device): the service must not open the TPU this worker trains on.
+    serve = (f"JAX_PLATFORMS=cpu nohup .venv/bin/python -m retrieval_service.serve --index {local_index}"
+             f"{encoder_arg} --host 0.0.0.0 --port {port} > ~/retrieval_service.log 2>&1 &")
     return " && ".join([f"cd ~/{REMOTE_DIR}", *fetch, serve])
 
 
@@ -232,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         vm.scp_to_all(archive, f"~/{ARCHIVE}")
         vm.ssh(f"mkdir -p ~/{REMOTE_DIR} && tar xzf ~/{ARCHIVE} -C ~/{REMOTE_DIR}")
     if "install" in args.steps:
-        vm.ssh(install_command(pinned_jax_version()))
+        vm.ssh(install_command())
     if "model" in args.steps:
         vm.ssh(model_command(args.model))
     addresses = list(args.retrieval_address)

@@ -26,6 +26,9 @@ import shutil
 import sys
 import time
 
+if __name__ == "__main__" and "--device" not in sys.argv[1:]:
+    os.environ["JAX_PLATFORMS"] = "cpu"  # before bm25s (at import) and the encoder load JAX; --device opts out
+
 from retrieval_service import dense_index
 from retrieval_service.build_shards import ResumeMismatch, ShardedBuild
 from retrieval_service.corpus import CorpusError, CorpusReader
@@ -365,6 +368,9 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--restart", action="store_true", help="discard an interrupted build in OUT.partial")
+    parser.add_argument("--device", action="store_true",
+                        help="encode on the host's accelerators (default: the host CPU, so a build beside a "
+                             "trainer never takes its TPU chips)")
     parser.add_argument("--chunk-docs", type=int, default=2048, help="documents encoded per streamed chunk")
     parser.add_argument("--shard-docs", type=int, default=102_400,
                         help="documents per resumable shard (a multiple of --chunk-docs)")

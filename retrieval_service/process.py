@@ -4,7 +4,8 @@
         client = RetrievalClient(server.address)        # "127.0.0.1:PORT"
 
 Used by the rollout tests, the trainer and the main job. `stop()` terminates gracefully, `kill()` is SIGKILL (for
-failure tests), `start()` again restarts on the same port. The server's log goes to `log_path`.
+failure tests), `start()` again restarts on the same port. The server's log goes to `log_path`. Its JAX (the
+query encoder) runs on the host CPU unless `device=True`.
 """
 
 import json
@@ -21,8 +22,10 @@ from retrieval_service.client import RetrievalClient
 
 class RetrievalServer:
     def __init__(self, index_dir, *, port: int = 0, http_port: int | None = None, host: str = "127.0.0.1",
-                 max_batch: int | None = None, extra_args=(), log_path=None, start_timeout_s: float = 300.0):
+                 max_batch: int | None = None, extra_args=(), log_path=None, start_timeout_s: float = 300.0,
+                 device: bool = False):
         self.index_dir = pathlib.Path(index_dir)
+        self.device = device  # False: JAX on the host CPU, whatever this process's environment says
         self.host, self.port, self.http_port = host, port, http_port
         self.max_batch, self.extra_args = max_batch, list(extra_args)
         self.start_timeout_s = start_timeout_s
@@ -50,7 +53,17 @@ class RetrievalServer:
             cmd += ["--http-port", str(self.http_port)]
         if self.max_batch is not None:
             cmd += ["--max-batch", str(self.max_batch)]
+        if self.device:
+            cmd += ["--device"]
         return cmd + self.extra_args
+
+    def environment(self) -> dict[str, str]:
+        """The child's environment: ours, with JAX pinned to the host CPU unless `device` (a trainer that starts
+        a service on a TPU host must keep its chips)."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if not self.device:
+            env["JAX_PLATFORMS"] = "cpu"
+        return env
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -65,7 +78,7 @@ class RetrievalServer:
         self._ready_file.unlink(missing_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                            stdin=subprocess.DEVNULL, env=self.environment())
         deadline = time.monotonic() + self.start_timeout_s
         while not self._ready_file.exists():
             if self.process.poll() is not None:

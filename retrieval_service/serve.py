@@ -60,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--grace-s", type=float, default=2.0)
     p.add_argument("--ready-file", default=None, help="write {grpc_port, http_port, pid} here once serving")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the encoder's query shapes")
+    p.add_argument("--device", action="store_true",
+                   help="run the encoder on the host's accelerators (default: the host CPU, so a service beside "
+                        "a trainer never takes its TPU chips)")
     p.add_argument("--compile-cache", default=None,
                    help="persistent jit cache directory (default ~/.cache/retrieval_service/jax; '' = off)")
     args = p.parse_args(argv)
@@ -74,6 +77,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--device" not in argv:
+        os.environ["JAX_PLATFORMS"] = "cpu"  # before anything imports JAX (bm25s does, at import)
     args, limits = parse_args(argv)
     from retrieval_service.batcher import BatchStats, MicroBatcher
     from retrieval_service.http_api import SearchR1HttpServer

@@ -1,8 +1,9 @@
-"""Launch scripts: the TPU VM flow (create or reuse, ship, install jax[tpu] at the pinned version, retrieval on
+"""Launch scripts: the TPU VM flow (create or reuse, ship, install the TPU runtime of the pinned jax, retrieval on
 worker 0, training on all workers with jax.distributed) and the local flow. GCP is not reachable here, so the
 gcloud side is checked two honest ways: the dry-run's printed commands, and a real run of the script against a
 recording `gcloud` executable that answers `describe` like the real one (exists or not)."""
 
+import importlib.metadata
 import io
 import os
 import pathlib
@@ -13,6 +14,7 @@ import sys
 import tarfile
 
 import pytest
+from packaging.specifiers import SpecifierSet
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "launch"))
@@ -42,7 +44,7 @@ def test_dry_run_prints_every_step_for_all_workers_and_runs_nothing(capsys):
     assert "--accelerator-type=v4-32" in create and "--zone=us-central2-b" in create
     scp, unpack, install, model, retrieval, _, train = commands[2:]
     assert "--worker=all" in scp and "--worker=all" in unpack and "--worker=all" in install
-    assert f"'jax[tpu]=={tpu_vm.pinned_jax_version()}'" in install[-1]
+    assert "pip install --quiet -r requirements.txt -r requirements-tpu.txt" in install[-1]
     assert "--worker=all" in model and "gcloud storage cp -r gs://bucket/Qwen2.5-3B/* ~/tspo_model/" in model[-1]
     assert "--worker=0" in retrieval and "retrieval_service.serve" in retrieval[-1]
     assert "gcloud storage cp -r gs://bucket/index/*" in retrieval[-1]
@@ -68,10 +70,16 @@ def test_the_printed_training_command_is_a_valid_pod_configuration(capsys):
     assert exp.retrieval.addresses == ("<worker-0-ip>:50051",)
 
 
-def test_the_jax_tpu_pin_is_the_runtime_jax_pin():
-    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
-    assert tpu_vm.pinned_jax_version() == pins["jax"] == pins["jaxlib"]
+def test_the_tpu_runtime_pins_are_what_the_pinned_jax_asks_for():
+    def pins(name):
+        return dict(line.split("==") for line in (ROOT / name).read_text().splitlines()
+                    if "==" in line and not line.startswith("#"))
+
+    runtime, tpu = pins("requirements.txt"), pins("requirements-tpu.txt")
+    assert tpu["jax[tpu]"] == runtime["jax"] == runtime["jaxlib"]
+    # jax's own metadata names the libtpu its tpu extra needs (e.g. "libtpu==0.0.42.*").
+    wanted = [r for r in importlib.metadata.requires("jax") if r.startswith("libtpu") and 'extra == "tpu"' in r]
+    assert wanted and SpecifierSet(wanted[0].split(";")[0].removeprefix("libtpu")).contains(tpu["libtpu"])
 
 
 def _fake_gcloud(tmp_path, *, exists):

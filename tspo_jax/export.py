@@ -75,7 +75,8 @@ def _export(run_dir, out_dir, step, dtype, scratch: pathlib.Path) -> pathlib.Pat
     if step not in steps:
         raise CheckpointError(f"no checkpoint for step {step} in {checkpoints.directory} (have {steps})")
     model_dir, tokenizer_dir = trained_model_dirs(run_dir, experiment, scratch)
-    cfg = Qwen2Config.from_hf(model_dir, param_dtype=experiment.model.param_dtype)
+    cfg = Qwen2Config.from_hf(model_dir, param_dtype=experiment.model.param_dtype,
+                              scan_layers=experiment.model.scan_layers)  # the layout the checkpoint was saved in
     abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -211,6 +211,11 @@ def activation_rules(mesh: Mesh, rules: Rules | None = None):
         _ACTIVE.reset(token)
 
 
+def active_rules() -> tuple[Mesh, dict[str, MeshAxes]] | None:
+    """(mesh, rules) of the enclosing `activation_rules` (None outside one: a single device)."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """with_sharding_constraint by logical axis names; the identity outside `activation_rules` (one device)."""
     active = _ACTIVE.get()

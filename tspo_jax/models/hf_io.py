@@ -69,8 +69,27 @@ class Layout:
         return ours.transpose(np.argsort(self.perm)).reshape(self.hf_shape)
 
 
-def param_layouts(cfg: Qwen2Config) -> dict[tuple, Layout]:
-    """Our flat parameter path (as in nnx.to_flat_state) -> where and how it is stored in a HF checkpoint."""
+@dataclasses.dataclass(frozen=True)
+class StackedLayout:
+    """A scanned model's parameter: layer i's slice [i] is stored as the HF tensor layers[i] (its own Layout)."""
+
+    layers: tuple[Layout, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.layers), *self.layers[0].shape)
+
+
+def hf_tensors(layout: Layout | StackedLayout) -> list[tuple[int | None, Layout]]:
+    """(layer index or None, Layout) of every HF tensor one parameter is made of."""
+    if isinstance(layout, StackedLayout):
+        return list(enumerate(layout.layers))
+    return [(None, layout)]
+
+
+def param_layouts(cfg: Qwen2Config) -> dict[tuple, Layout | StackedLayout]:
+    """Our flat parameter path (as in nnx.to_flat_state) -> where and how it is stored in a HF checkpoint.
+    With cfg.scan_layers a block parameter ("layers", "mlp", "up_kernel") is a StackedLayout of every layer's."""
     d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     h, kv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
@@ -103,6 +122,11 @@ def param_layouts(cfg: Qwen2Config) -> dict[tuple, Layout]:
         })
     if not cfg.tie_word_embeddings:
         layouts[("lm_head",)] = transposed("lm_head.weight", (v, d))
+    if cfg.scan_layers:
+        per_layer = [{path[2:]: layouts.pop(path) for path in list(layouts) if path[:2] == ("layers", i)}
+                     for i in range(cfg.num_layers)]
+        for name in per_layer[0]:
+            layouts[("layers", *name)] = StackedLayout(tuple(layer[name] for layer in per_layer))
     return layouts
 
 
@@ -256,15 +280,17 @@ def load_hf_checkpoint(directory: str | pathlib.Path, *, mesh: jax.sharding.Mesh
     flat_targets = dict(nnx.to_flat_state(targets))
     if set(flat_targets) != set(layouts):  # a bug in this module, never the user's checkpoint
         raise AssertionError(f"layout map and model disagree: {set(flat_targets) ^ set(layouts)}")
-    _check_tensor_names(checkpoint, cfg, {layout.hf_name for layout in layouts.values()})
+    _check_tensor_names(checkpoint, cfg, {t.hf_name for layout in layouts.values() for _, t in hf_tensors(layout)})
 
-    progress = ByteProgress(f"load {directory}", sum(checkpoint.entries[layouts[p].hf_name].nbytes
-                                                         for p in flat_targets))
+    def nbytes(layout):
+        return sum(checkpoint.entries[t.hf_name].nbytes for _, t in hf_tensors(layout))
+
+    progress = ByteProgress(f"load {directory}", sum(nbytes(layouts[p]) for p in flat_targets))
     loaded = []
     for path, target in flat_targets.items():
         layout = layouts[path]
         loaded.append((path, target.replace(_read_sharded(checkpoint, layout, target.get_value(), cfg.param_dtype))))
-        progress.advance(checkpoint.entries[layout.hf_name].nbytes)
+        progress.advance(nbytes(layout))
     model = nnx.merge(graphdef, nnx.from_flat_state(loaded))
     return cfg, model
 
@@ -287,18 +313,23 @@ def _check_tensor_names(checkpoint: SafetensorsCheckpoint, cfg: Qwen2Config, exp
                          f"tie_word_embeddings={cfg.tie_word_embeddings}) does not have")
 
 
-def _read_sharded(checkpoint: SafetensorsCheckpoint, layout: Layout, sharding_: jax.sharding.Sharding,
-                  param_dtype: np.dtype) -> jax.Array:
-    entry = checkpoint.entries[layout.hf_name]
-    if entry.shape != layout.hf_shape:
-        raise ValueError(f"{entry.file}: tensor {layout.hf_name!r} has shape {list(entry.shape)} but config.json "
-                         f"implies {list(layout.hf_shape)}")
-    view = layout.to_ours(checkpoint.array(layout.hf_name))
+def _read_sharded(checkpoint: SafetensorsCheckpoint, layout: Layout | StackedLayout,
+                  sharding_: jax.sharding.Sharding, param_dtype: np.dtype) -> jax.Array:
+    views = []
+    for _, tensor in hf_tensors(layout):
+        entry = checkpoint.entries[tensor.hf_name]
+        if entry.shape != tensor.hf_shape:
+            raise ValueError(f"{entry.file}: tensor {tensor.hf_name!r} has shape {list(entry.shape)} but "
+                             f"config.json implies {list(tensor.hf_shape)}")
+        views.append(tensor.to_ours(checkpoint.array(tensor.hf_name)))
 
     def read_slice(index):
-        return np.asarray(view[index], dtype=param_dtype)
+        if isinstance(layout, Layout):
+            return np.asarray(views[0][index], dtype=param_dtype)
+        layers, rest = index[0], tuple(index[1:])  # a stacked shard: its layers' slices, one read each
+        return np.stack([np.asarray(views[i][rest], dtype=param_dtype) for i in range(len(views))[layers]])
 
-    return jax.make_array_from_callback(view.shape, sharding_, read_slice)
+    return jax.make_array_from_callback(layout.shape, sharding_, read_slice)
 
 
 # --- export -------------------------------------------------------------------------------------------------------
@@ -356,10 +387,10 @@ def export_hf_checkpoint(model: Qwen2ForCausalLM, cfg: Qwen2Config, out_dir: str
             raise ValueError(f"export_hf_checkpoint: parameter {'.'.join(map(str, path))} has shape "
                              f"{tuple(flat[path].shape)}, cfg implies {layout.shape}")
 
-    order = sorted(layouts, key=lambda p: _hf_sort_key(layouts[p].hf_name))
-    sizes = [(layouts[p].hf_name, math.prod(layouts[p].hf_shape) * dtype.itemsize) for p in order]
+    tensors = _hf_tensor_sources(layouts)
+    order = sorted(tensors, key=_hf_sort_key)
+    sizes = [(name, math.prod(tensors[name][2].hf_shape) * dtype.itemsize) for name in order]
     groups = _shard_groups(sizes, max_shard_bytes)
-    by_name = {layouts[p].hf_name: p for p in order}
     filenames = (["model.safetensors"] if len(groups) == 1 else
                  [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
     writer = jax.process_index() == 0
@@ -370,14 +401,15 @@ def export_hf_checkpoint(model: Qwen2ForCausalLM, cfg: Qwen2Config, out_dir: str
 
     progress = ByteProgress(f"export {out_dir}", sum(n for _, n in sizes))
     for filename, names in zip(filenames, groups):
-        header = _safetensors_header([(n, layouts[by_name[n]].hf_shape, dtype) for n in names])
+        header = _safetensors_header([(n, tensors[n][2].hf_shape, dtype) for n in names])
         fh = open(out_dir / filename, "wb") if writer else None
         try:
             if fh:
                 fh.write(header)
             for name in names:
-                path = by_name[name]
-                host = layouts[path].to_hf(_to_host(flat[path].get_value()))
+                path, layer, tensor = tensors[name]
+                value = flat[path].get_value()
+                host = tensor.to_hf(_to_host(value if layer is None else value[layer]))
                 if fh:
                     fh.write(np.ascontiguousarray(host.astype(dtype)).view(np.uint8).data)  # bf16 has no buffer format
                 progress.advance(host.size * dtype.itemsize)
@@ -399,8 +431,17 @@ def _hf_sort_key(name: str) -> tuple:
     return (0 if "embed_tokens" in name else 2 if parts[:2] == ["model", "norm"] else 3, 0, name)
 
 
+def _hf_tensor_sources(layouts) -> dict[str, tuple[tuple, int | None, Layout]]:
+    """HF tensor name -> (our parameter path, layer index within a stacked parameter or None, its Layout)."""
+    return {tensor.hf_name: (path, layer, tensor)
+            for path, layout in layouts.items() for layer, tensor in hf_tensors(layout)}
+
+
 def iter_hf_tensors(model: Qwen2ForCausalLM, cfg: Qwen2Config) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, host array in HF layout) for every parameter, one at a time (for callers that stream elsewhere)."""
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    for path, layout in sorted(param_layouts(cfg).items(), key=lambda item: _hf_sort_key(item[1].hf_name)):
-        yield layout.hf_name, layout.to_hf(_to_host(flat[path].get_value()))
+    tensors = _hf_tensor_sources(param_layouts(cfg))
+    for name in sorted(tensors, key=_hf_sort_key):
+        path, layer, tensor = tensors[name]
+        value = flat[path].get_value()
+        yield name, tensor.to_hf(_to_host(value if layer is None else value[layer]))

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from tspo_jax import sharding
 from tspo_jax.models.qwen2 import Qwen2ForCausalLM
 
 
@@ -94,7 +95,9 @@ def _chunk_log_probs_bwd(residuals, cotangents):
     d_logits = d_logits.astype(hidden.dtype)
     f32 = jnp.float32  # accumulate over the vocabulary / the chunk's tokens in fp32 whatever the compute dtype
     d_hidden = jnp.einsum("nv,dv->nd", d_logits, output_embedding, preferred_element_type=f32)
-    d_embedding = jnp.einsum("nd,nv->dv", hidden, d_logits, preferred_element_type=f32)
+    # Each device's rows give a partial sum; on the embedding's shards XLA reduce-scatters it (models/qwen2.linear).
+    d_embedding = sharding.constrain(jnp.einsum("nd,nv->dv", hidden, d_logits, preferred_element_type=f32),
+                                     ("embed", "vocab"))
     return d_hidden.astype(hidden.dtype), None, d_embedding.astype(output_embedding.dtype)
 
 

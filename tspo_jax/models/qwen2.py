@@ -17,6 +17,7 @@ Naming follows the Hugging Face module tree so tspo_jax.models.hf_io maps tensor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 from typing import Any, Union
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tspo_jax import sharding
+from tspo_jax.models import attention
 
 DType = Union[str, jnp.dtype, type]
 
@@ -46,6 +48,12 @@ class Qwen2Config:
     dtype: DType = "float32"  # compute dtype (bfloat16 on TPU)
     param_dtype: DType = "float32"  # storage dtype of the parameters (and of their optimizer state)
     remat: bool = False  # recompute each block in the backward pass instead of storing its activations
+    # One stacked Block ([num_layers, ...] parameters) run by lax.scan instead of num_layers Blocks in a Python
+    # loop: XLA compiles the block once (compile time and program size stop growing with depth).
+    scan_layers: bool = False
+    # Whole-sequence attention (training, log-probs): "auto" = the Pallas splash kernel when compiling for TPU,
+    # XLA otherwise; "xla"; "pallas" (interpret mode off TPU). tspo_jax.models.attention.
+    attention: str = "auto"
     initializer_range: float = 0.02
 
     def __post_init__(self):
@@ -61,6 +69,8 @@ class Qwen2Config:
                              f"num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"Qwen2Config: head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.attention not in attention.CHOICES:
+            raise ValueError(f"Qwen2Config: attention={self.attention!r} is not one of {attention.CHOICES}")
 
     @property
     def num_groups(self) -> int:
@@ -212,24 +222,28 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-@jax.custom_vjp
-def linear(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x: [..., K] @ w: [K, N] -> [..., N].
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def linear(x: jax.Array, w: jax.Array, w_axes: tuple[str, str] | None = None) -> jax.Array:
+    """x: [..., K] @ w: [K, N] -> [..., N]; w_axes: w's logical axes (for its gradient's sharding).
 
     Same math as `x @ w`; the hand-written backward forms the weight gradient as x^T @ dy over the flattened
     tokens. Left to itself XLA:CPU transposes the (larger) output gradient for that contraction, which made the
-    transformer layers ~25% slower on CPU; TPUs fold either form into the matmul.
+    transformer layers ~25% slower on CPU; TPUs fold either form into the matmul. That gradient is a partial sum
+    over each device's rows; pinned to the weight's own (FSDP) sharding, XLA reduce-scatters it onto the shards
+    instead of all-reducing the whole matrix to every device.
     """
     return x @ w
 
 
-def _linear_fwd(x, w):
+def _linear_fwd(x, w, w_axes):
     return x @ w, (x, w)
 
 
-def _linear_bwd(residuals, d_out):
+def _linear_bwd(w_axes, residuals, d_out):
     x, w = residuals
     d_w = x.reshape(-1, x.shape[-1]).T @ d_out.reshape(-1, d_out.shape[-1])
+    if w_axes is not None:
+        d_w = sharding.constrain(d_w, w_axes)
     return d_out @ w.T, d_w.astype(w.dtype)
 
 
@@ -331,7 +345,11 @@ class KVCache:
 # --- modules --------------------------------------------------------------------------------------------------
 
 
-def _param(rngs: nnx.Rngs | None, shape, logical_axes, cfg: Qwen2Config, init: str) -> nnx.Param:
+def _param(rngs: nnx.Rngs | None, shape, logical_axes, cfg: Qwen2Config, init: str, stacked: bool = False
+           ) -> nnx.Param:
+    """A parameter of `shape`; stacked: one per layer, [num_layers, *shape] on the "layers" axis."""
+    if stacked:
+        shape, logical_axes = (cfg.num_layers, *shape), ("layers", *logical_axes)
     if init == "normal":
         value = cfg.initializer_range * jax.random.normal(rngs.params(), shape, cfg.param_dtype)
     elif init == "zeros":
@@ -342,9 +360,9 @@ def _param(rngs: nnx.Rngs | None, shape, logical_axes, cfg: Qwen2Config, init: s
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, cfg: Qwen2Config):
+    def __init__(self, cfg: Qwen2Config, stacked: bool = False):
         self.eps = cfg.rms_norm_eps
-        self.scale = _param(None, (cfg.hidden_size,), ("norm",), cfg, "ones")
+        self.scale = _param(None, (cfg.hidden_size,), ("norm",), cfg, "ones", stacked)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return rms_norm(x, self.scale[...], self.eps)
@@ -353,25 +371,27 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """Grouped-query self-attention with q/k/v biases and rotary positions."""
 
-    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs, stacked: bool = False):
         self.cfg = cfg
         d, h, kv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_kernel = _param(rngs, (d, h, dh), ("embed", "q_heads", "head_dim"), cfg, "normal")
-        self.q_bias = _param(rngs, (h, dh), ("q_heads", "head_dim"), cfg, "zeros")
-        self.k_kernel = _param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), cfg, "normal")
-        self.k_bias = _param(rngs, (kv, dh), ("kv_heads", "head_dim"), cfg, "zeros")
-        self.v_kernel = _param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), cfg, "normal")
-        self.v_bias = _param(rngs, (kv, dh), ("kv_heads", "head_dim"), cfg, "zeros")
-        self.o_kernel = _param(rngs, (h, dh, d), ("q_heads", "head_dim", "embed"), cfg, "normal")
+        self.q_kernel = _param(rngs, (d, h, dh), ("embed", "q_heads", "head_dim"), cfg, "normal", stacked)
+        self.q_bias = _param(rngs, (h, dh), ("q_heads", "head_dim"), cfg, "zeros", stacked)
+        self.k_kernel = _param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), cfg, "normal", stacked)
+        self.k_bias = _param(rngs, (kv, dh), ("kv_heads", "head_dim"), cfg, "zeros", stacked)
+        self.v_kernel = _param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), cfg, "normal", stacked)
+        self.v_bias = _param(rngs, (kv, dh), ("kv_heads", "head_dim"), cfg, "zeros", stacked)
+        self.o_kernel = _param(rngs, (h, dh, d), ("q_heads", "head_dim", "embed"), cfg, "normal", stacked)
 
     def _project(self, x, kernel, bias, axes):
         """x: [B, T, D] -> [B, T, heads, Dh] through a [D, heads, Dh] kernel and [heads, Dh] bias."""
         dt, (d, heads, dh) = self.cfg.dtype, kernel.shape
-        y = linear(x, kernel[...].astype(dt).reshape(d, heads * dh)).reshape(*x.shape[:2], heads, dh)
+        kernel_axes = ("embed", axes.removeprefix("act_"))  # act_q_heads -> the kernel's q_heads
+        y = linear(x, kernel[...].astype(dt).reshape(d, heads * dh), kernel_axes).reshape(*x.shape[:2], heads, dh)
         return sharding.constrain(y + bias[...].astype(dt), ("batch", "length", axes, "head_dim"))
 
     def __call__(self, x, cos, sin, mask, cache=None, layer=0, cache_start=None):
-        """x: [B, T, D]; cos/sin: f32[B, T, Dh/2]; mask: bool[B, T, S] with S = T, or the cache length.
+        """x: [B, T, D]; cos/sin: f32[B, T, Dh/2]; mask: bool[B, T, S] with S = T, or the cache length; or,
+        without a cache, bool[B, T] key validity for the causal attention kernel (models/attention.py).
 
         cache: KVCache or None; this layer (`layer`) writes its chunk at rows cache_start[b].. and attends over
         the whole cache. Returns ([B, T, D], updated cache or None).
@@ -384,34 +404,41 @@ class Attention(nnx.Module):
             cache = KVCache(k=write_cache_rows(cache.k, k, layer, cache_start),
                             v=write_cache_rows(cache.v, v, layer, cache_start))
             k, v = cache.k[layer].astype(cfg.dtype), cache.v[layer].astype(cfg.dtype)
-        out = grouped_attention(q, k, v, mask).reshape(*x.shape[:2], cfg.num_heads * cfg.head_dim)
+        if cache is None and mask.ndim == 2:
+            out = attention.splash_attention(q, k, v, mask)
+        else:
+            out = grouped_attention(q, k, v, mask)
+        out = out.reshape(*x.shape[:2], cfg.num_heads * cfg.head_dim)
         o_kernel = self.o_kernel[...].astype(cfg.dtype).reshape(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
-        return linear(out, o_kernel), cache
+        return linear(out, o_kernel, ("q_heads", "embed")), cache
 
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs, stacked: bool = False):
         self.dtype = cfg.dtype
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_kernel = _param(rngs, (d, f), ("embed", "mlp"), cfg, "normal")
-        self.up_kernel = _param(rngs, (d, f), ("embed", "mlp"), cfg, "normal")
-        self.down_kernel = _param(rngs, (f, d), ("mlp", "embed"), cfg, "normal")
+        self.gate_kernel = _param(rngs, (d, f), ("embed", "mlp"), cfg, "normal", stacked)
+        self.up_kernel = _param(rngs, (d, f), ("embed", "mlp"), cfg, "normal", stacked)
+        self.down_kernel = _param(rngs, (f, d), ("mlp", "embed"), cfg, "normal", stacked)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = linear(x, self.gate_kernel[...].astype(self.dtype))
-        up = linear(x, self.up_kernel[...].astype(self.dtype))
+        gate = linear(x, self.gate_kernel[...].astype(self.dtype), ("embed", "mlp"))
+        up = linear(x, self.up_kernel[...].astype(self.dtype), ("embed", "mlp"))
         hidden = sharding.constrain(swiglu(gate, up), ("batch", "length", "act_mlp"))
-        return linear(hidden, self.down_kernel[...].astype(self.dtype))
+        return linear(hidden, self.down_kernel[...].astype(self.dtype), ("mlp", "embed"))
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg)
-        self.self_attn = Attention(cfg, rngs)
-        self.post_attention_layernorm = RMSNorm(cfg)
-        self.mlp = MLP(cfg, rngs)
+    """One decoder layer; stacked: every layer's parameters in one Block ([num_layers, ...] each), which
+    `Qwen2ForCausalLM` runs with lax.scan, merging one layer's slice into a Block per step."""
+
+    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs, stacked: bool = False):
+        self.input_layernorm = RMSNorm(cfg, stacked)
+        self.self_attn = Attention(cfg, rngs, stacked)
+        self.post_attention_layernorm = RMSNorm(cfg, stacked)
+        self.mlp = MLP(cfg, rngs, stacked)
 
     def __call__(self, x, cos, sin, mask, cache=None, layer=0, cache_start=None):
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, cache_start)
@@ -428,7 +455,8 @@ class Qwen2ForCausalLM(nnx.Module):
     def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg, "normal")
-        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.layers = (Block(cfg, rngs, stacked=True) if cfg.scan_layers else
+                       nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)]))
         self.norm = RMSNorm(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else _param(
             rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg, "normal")
@@ -457,10 +485,19 @@ class Qwen2ForCausalLM(nnx.Module):
         """Final-normed hidden states [B, T, D] in cfg.dtype (teacher-forced path)."""
         if attention_mask is None:
             attention_mask = jnp.ones(tokens.shape, dtype=bool)
-        mask = causal_padding_mask(attention_mask.astype(bool))
+        valid = attention_mask.astype(bool)
+        mask = valid if attention.use_kernel(self.cfg.attention, tokens.shape[1]) else causal_padding_mask(valid)
         cos, sin = rotary_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        block_fn = nnx.remat(_block_without_cache) if self.cfg.remat else _block_without_cache
         x = self._embed(tokens)
+        if self.cfg.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+
+            def layer(x, params):
+                return _block_without_cache(nnx.merge(graphdef, params), x, cos, sin, mask), None
+
+            x, _ = jax.lax.scan(jax.checkpoint(layer) if self.cfg.remat else layer, x, stacked)
+            return self.norm(x)
+        block_fn = nnx.remat(_block_without_cache) if self.cfg.remat else _block_without_cache
         for block in self.layers:
             x = block_fn(block, x, cos, sin, mask)
         return self.norm(x)
@@ -477,6 +514,16 @@ class Qwen2ForCausalLM(nnx.Module):
         mask = cache_mask(cache_start, tokens.shape[1], cache.max_len)
         cos, sin = rotary_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self._embed(tokens)
+        if self.cfg.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+
+            def layer(carry, params):  # the cache rides in the carry, so each layer's write stays in place
+                x, cache, index = carry
+                x, cache = nnx.merge(graphdef, params)(x, cos, sin, mask, cache, index, cache_start)
+                return (x, cache, index + 1), None
+
+            (x, cache, _), _ = jax.lax.scan(layer, (x, cache, jnp.int32(0)), stacked)
+            return self.norm(x), cache
         for layer, block in enumerate(self.layers):
             x, cache = block(x, cos, sin, mask, cache, layer, cache_start)
         return self.norm(x), cache

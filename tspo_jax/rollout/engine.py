@@ -136,16 +136,19 @@ class Engine:
                              f"{self._batch_shards} devices the 'batch' rule {self._rules['batch']!r} splits "
                              "slots over")
         self._param_shardings = sharding.state_shardings(model_params, self._mesh, self._rules)
+        self._param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), model_params)
 
         table = stop_table.transitions if stop_table is not None else np.zeros((1, self.cfg.vocab_size), np.int32)
         if table.shape[1] != self.cfg.vocab_size:
             raise ValueError(f"stop table covers {table.shape[1]} token ids but the model has vocab_size="
                              f"{self.cfg.vocab_size}; build it with token_bytes(tokenizer, cfg.vocab_size)")
-        replicated = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())
-        self._stop_transitions = jax.device_put(np.asarray(table, np.int32), replicated)
+        # Kept on the host until the first call needs them, so an engine can be built (and its functions
+        # lowered) for compile-only devices, where nothing can be transferred.
+        self._host_tables = (np.asarray(table, np.int32), np.asarray(list(eos_ids) or [-1], np.int32))
+        self._device_tables = None
         self._num_stop_states = stop_table.num_states if stop_table is not None else 1
-        self._eos_ids = jax.device_put(np.asarray(list(eos_ids) or [-1], np.int32), replicated)
 
+        self._cast = None
         self._extend_jit = jax.jit(self._extend, donate_argnums=(1,))
         self._generate_jit = jax.jit(self._generate, donate_argnums=(1,), static_argnums=(2,))
         self._insert_jit = jax.jit(self._insert, donate_argnums=(1,))
@@ -173,13 +176,20 @@ class Engine:
     def mesh(self) -> jax.sharding.Mesh:
         return self._mesh
 
+    @property
+    def param_dtype(self) -> np.dtype:
+        """The dtype the engine decodes from: the model's compute dtype (decode reads every weight per token)."""
+        return self.cfg.dtype
+
     # --- params and state ---------------------------------------------------------------------------------
 
     def load_params(self, params: nnx.State) -> nnx.State:
-        """Place a model state (nnx.state(model)) on the engine's shardings.
+        """Place a model state (nnx.state(model)) on the engine's shardings, in its compute dtype.
 
-        Arrays already laid out that way (the trainer's params on the same mesh) are taken as they are, without a
-        copy; anything else is moved. Call after every update: no recompilation, the shapes are unchanged.
+        Arrays already laid out that way (a bf16 policy on the same mesh) are taken as they are, without a copy.
+        Anything else is moved, and fp32 master weights become a compute-dtype copy: decode reads every weight per
+        token, so it should not read twice the bytes. Call after every update: no recompilation, the shapes are
+        unchanged.
         """
         def place(value, target):
             if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(target, value.ndim):
@@ -187,9 +197,21 @@ class Engine:
             return jax.device_put(value, target)
 
         try:
-            return jax.tree.map(place, params, self._param_shardings)
+            placed = jax.tree.map(place, params, self._param_shardings)
         except ValueError as error:
             raise ValueError(f"Engine.load_params: params do not have the engine model's structure: {error}") from None
+        if all(leaf.dtype == self.param_dtype for leaf in jax.tree.leaves(placed)):
+            return placed
+        if self._cast is None:
+            dtype = self.param_dtype
+            self._cast = jax.jit(lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree),
+                                 out_shardings=self._param_shardings)
+        return self._cast(placed)
+
+    def abstract_params(self) -> nnx.State:
+        """What `load_params` returns, as ShapeDtypeStructs with shardings (for lowering without devices)."""
+        return jax.tree.map(lambda a, target: jax.ShapeDtypeStruct(a.shape, self.param_dtype, sharding=target),
+                            self._param_shapes, self._param_shardings)
 
     def _state_shardings(self, num_slots: int) -> DecodeState:
         batch = "batch" if num_slots % self._batch_shards == 0 else None  # a one-slot Prefix stays replicated
@@ -216,6 +238,11 @@ class Engine:
                                active=jnp.zeros((num_slots,), bool))
 
         return jax.jit(build, out_shardings=shardings)()
+
+    def abstract_decode_state(self) -> DecodeState:
+        """init_decode_state()'s shapes, dtypes and shardings (traced, never run: no device is touched)."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            jax.eval_shape(self.init_decode_state), self._state_shardings(self._slots))
 
     def init_decode_state(self) -> DecodeState:
         """All slots free, the cache zeroed, laid out on the mesh (slots over the 'batch' rule's axes)."""
@@ -322,6 +349,33 @@ class Engine:
                for f in dataclasses.fields(DecodeState) if f.name != "cache"})
         return self._constrain(state)
 
+    def _tables(self) -> tuple[jax.Array, jax.Array]:
+        """The stop automaton's transitions i32[states, V] and the EOS ids i32[E], replicated on the mesh."""
+        if self._device_tables is None:
+            replicated = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())
+            self._device_tables = tuple(jax.device_put(table, replicated) for table in self._host_tables)
+        return self._device_tables
+
+    def lower(self, *, decode_steps: int, prefill_rows: int | None = None,
+              prefill_length: int | None = None) -> dict[str, jax.stages.Lowered]:
+        """The engine's jitted functions lowered for its abstract params (`abstract_params`) and decode state:
+        "generate" (decode_steps fused steps) and "append" (the largest prefill call: prefill_rows rows, default
+        the most one call takes, of prefill_length tokens, default max_prefill_length). Nothing is transferred,
+        so this works for compile-only devices (tspo_jax.fit_check)."""
+        replicated = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())
+        tables = [jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=replicated) for t in self._host_tables]
+        params, state = self.abstract_params(), self.abstract_decode_state()
+        rows = prefill_rows or self._row_bucket(self._slots, self._slots)
+        width = prefill_length or self.max_prefill_length
+
+        def vector(dtype, *shape):
+            return jax.ShapeDtypeStruct((rows, *shape), dtype, sharding=replicated)
+
+        append = self._extend_jit.lower(params, state, vector(jnp.int32), vector(jnp.int32, width), vector(jnp.int32),
+                                        vector(jnp.bool_), vector(jnp.int32), vector(jnp.uint32), *tables)
+        generate = self._generate_jit.lower(params, state, int(decode_steps), *tables)
+        return {"append": append, "generate": generate}
+
     # --- JetStream API ------------------------------------------------------------------------------------
 
     def prefill(self, params: nnx.State, existing_prefix: Prefix | None, padded_tokens, true_length: int, *,
@@ -356,7 +410,7 @@ class Engine:
         Returns the donated-and-updated state and ResultTokens [num_steps, slots]; the loop ends early once every
         slot's turn has finished (later rows are invalid).
         """
-        return self._generate_jit(params, decode_state, int(num_steps), self._stop_transitions, self._eos_ids)
+        return self._generate_jit(params, decode_state, int(num_steps), *self._tables())
 
     def append(self, params: nnx.State, decode_state: DecodeState, slots: Sequence[int],
                tokens: Sequence[np.ndarray], *, fresh: Sequence[bool], budgets: Sequence[int],
@@ -423,8 +477,7 @@ class Engine:
                     rows[r], lengths[r], padded[r, :piece.size] = slots[i], piece.size, piece
                     is_fresh[r], row_budgets[r], row_seeds[r] = bool(fresh[i]) and c == 0, budgets[i], seeds[i]
                 state, result, logits = self._extend_jit(params, state, rows, padded, lengths, is_fresh,
-                                                         row_budgets, row_seeds, self._stop_transitions,
-                                                         self._eos_ids)
+                                                         row_budgets, row_seeds, *self._tables())
                 if merged is None:
                     merged = result
                 else:  # a slot's result is that of its last chunk

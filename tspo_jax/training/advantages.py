@@ -57,20 +57,25 @@ class StepAdvantages:
     stats: dict[str, float]
 
 
+def turn_advantages(spec: AlgorithmSpec, *, outcome, correct, folr_turn, num_turns, max_turns: int, shaping=None):
+    """f32[G, N, K] turn advantages of the configured estimator (the inputs of `compute_advantages`); traceable,
+    so the fit check can compile it."""
+    name = spec.name
+    if name == "tspo":
+        return spec.estimator(outcome, folr_turn, num_turns, correct=correct, max_turns=max_turns)
+    if name == "grpo":
+        return estimators.lift_to_turns(spec.estimator(outcome), num_turns, max_turns=max_turns)
+    return spec.estimator(outcome, num_turns, max_turns=max_turns, shaping=shaping)
+
+
 def compute_advantages(spec: AlgorithmSpec, *, outcome: np.ndarray, correct: np.ndarray, folr_turn: np.ndarray,
                        num_turns: np.ndarray, max_turns: int, turn_id: np.ndarray, loss_mask: np.ndarray,
                        shaping: np.ndarray | None = None) -> StepAdvantages:
     """outcome f32[G, N], correct bool[G, N], folr_turn i32[G, N] (-1 none), num_turns i32[G, N] (K_i >= 1),
     max_turns K (static, >= every K_i); turn_id / loss_mask i32[B, T] with the first G*N rows the trajectories in
     group-major order (further rows are padding and get 0)."""
-    name = spec.name
-    if name == "tspo":
-        turn = spec.estimator(outcome, folr_turn, num_turns, correct=correct, max_turns=max_turns)
-    elif name == "grpo":
-        turn = estimators.lift_to_turns(spec.estimator(outcome), num_turns, max_turns=max_turns)
-    else:
-        turn = spec.estimator(outcome, num_turns, max_turns=max_turns, shaping=shaping)
-    turn = np.asarray(turn, np.float32)
+    turn = np.asarray(turn_advantages(spec, outcome=outcome, correct=correct, folr_turn=folr_turn,
+                                      num_turns=num_turns, max_turns=max_turns, shaping=shaping), np.float32)
     stats = {k: float(v) for k, v in estimators.group_stats(correct, turn).items()}
     groups, samples = outcome.shape
     rows = groups * samples

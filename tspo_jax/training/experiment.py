@@ -39,6 +39,11 @@ class ModelSpec:
     tokenizer: a Hugging Face tokenizer directory; None: the checkpoint directory.
     dtype / param_dtype: compute and storage dtypes ("bfloat16" compute on TPU, fp32 parameters).
     remat: recompute each block in the backward pass. logprob_chunk_size: positions per vocabulary block.
+    scan_layers: hold the blocks' parameters stacked ([layers, ...]) and run them with lax.scan, so XLA compiles
+      one block instead of every layer (much shorter TPU compiles, smaller programs); HF import/export and
+      checkpoints follow (a checkpoint restores into the layout it was saved from).
+    attention: whole-sequence attention in the update and the log-prob pass: "auto" (the Pallas splash kernel on
+      TPU, XLA elsewhere), "xla", or "pallas" (off TPU: interpret mode, for checking only).
     expect_preset: when set ("3b", "7b", …), the checkpoint's config must have that preset's shape.
     """
 
@@ -49,6 +54,8 @@ class ModelSpec:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    scan_layers: bool = False
+    attention: str = "auto"
     logprob_chunk_size: int = 512
 
     def __post_init__(self):
@@ -56,6 +63,8 @@ class ModelSpec:
             raise ValueError("ModelSpec.tokenizer is set but ModelSpec.checkpoint is not: the tiny model makes "
                              "its own tokenizer; give both or neither")
         _positive("ModelSpec", logprob_chunk_size=self.logprob_chunk_size)
+        if self.attention not in ("auto", "xla", "pallas"):
+            raise ValueError(f"ModelSpec.attention must be 'auto', 'xla' or 'pallas', got {self.attention!r}")
         for name in ("tiny_preset", "expect_preset"):
             value = getattr(self, name)
             if value is not None and value not in PRESETS:

@@ -81,8 +81,9 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[GinFlags, list[str]]:
     return flags, rest
 
 
-def load(flags: GinFlags) -> list[pathlib.Path]:
-    """Clears gin, parses every file then every binding, validates all of them and locks the config.
+def load(flags: GinFlags, defaults: Sequence[Binding] = ()) -> list[pathlib.Path]:
+    """Clears gin, parses every file, then `defaults` (bindings a tool supplies, e.g. the fit check's stand-ins
+    for paths it never reads), then every flag binding; validates all of them and locks the config.
 
     Returns the top-level config files, resolved.
     """
@@ -99,7 +100,7 @@ def load(flags: GinFlags) -> list[pathlib.Path]:
         except (ValueError, IOError, SyntaxError) as e:
             raise GinConfigError(f"in --gin_file={config_file}: {e}") from None
         read.append(_resolve(config_file))
-    for binding in flags.bindings:
+    for binding in [*defaults, *flags.bindings]:
         try:
             gin.parse_config(binding.text)
         except (ValueError, SyntaxError) as e:
@@ -107,7 +108,7 @@ def load(flags: GinFlags) -> list[pathlib.Path]:
             if "Failed to parse token" in str(e) or "Unable to parse value" in str(e):
                 hint = "\n  (gin strings are quoted: --gin.RUN_DIR=\"'/tmp/run'\")"
             raise GinConfigError(f"in {binding.origin} ({binding.text.strip()!r}): {e}{hint}") from None
-    _validate(read, flags.bindings)
+    _validate(read, [*defaults, *flags.bindings])
     try:
         gin.finalize()
     except ValueError as e:

@@ -88,9 +88,11 @@ def combine_step_metrics(per_process: Sequence[Mapping[str, float]]) -> dict[str
     return out
 
 
-def host_mesh(process: int, tensor: int) -> Mesh:
-    """Process `process`'s devices as a ("data", "fsdp", "tensor") mesh: where its rollout engine runs."""
-    devices = sorted((d for d in jax.devices() if d.process_index == process), key=lambda d: d.id)
+def host_mesh(process: int, tensor: int, devices=None) -> Mesh:
+    """Process `process`'s devices (of `devices`, default jax.devices()) as a ("data", "fsdp", "tensor") mesh:
+    where its rollout engine runs."""
+    devices = jax.devices() if devices is None else devices
+    devices = sorted((d for d in devices if d.process_index == process), key=lambda d: d.id)
     return sharding.make_mesh(1, -1, tensor, devices=devices)
 
 
@@ -99,10 +101,12 @@ class HostReplicas:
     as its engine wants them, then viewed as arrays of the host's local mesh (no further copy).
 
     abstract_params: the model's abstract nnx.State; tensor / rules: the engine's tensor axis size and rules.
+    dtype: the copy's dtype (the engine decodes in the compute dtype; None keeps the params' own), cast before
+    the gather so that it moves half the bytes of fp32 master weights.
     Costs one cross-host all-gather of the params per call (after every update).
     """
 
-    def __init__(self, abstract_params, *, tensor: int, rules):
+    def __init__(self, abstract_params, *, tensor: int, rules, dtype=None):
         self.mesh = host_mesh(jax.process_index(), tensor)
         self.rules = sharding.normalize_rules(rules, self.mesh)
         self.local_shardings = sharding.state_shardings(abstract_params, self.mesh, self.rules)
@@ -110,7 +114,9 @@ class HostReplicas:
         per_host = np.stack([host_mesh(p, tensor).devices for p in range(jax.process_count())])
         hosts = Mesh(per_host, ("hosts", *self.mesh.axis_names))
         self._host_shardings = jax.tree.map(lambda s: NamedSharding(hosts, s.spec), self.local_shardings)
-        self._gather = jax.jit(lambda params: params, out_shardings=self._host_shardings)
+        cast = (lambda params: params) if dtype is None else (
+            lambda params: jax.tree.map(lambda x: x.astype(dtype), params))
+        self._gather = jax.jit(cast, out_shardings=self._host_shardings)
 
     def __call__(self, params):
         gathered = self._gather(params)

@@ -12,6 +12,7 @@ import logging
 import pathlib
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from tspo_jax import run_files, sharding
@@ -28,13 +29,14 @@ log = logging.getLogger("tspo_jax.train")
 class PolicyModel:
     """A Qwen2 policy's structure on a mesh, without weights.
 
-    model_dir: the HF directory the weights come from. cfg: its Qwen2Config (with the run's dtypes and remat).
+    model_dir: the HF directory the weights come from (None: shapes only, `policy_from_config`).
+    tokenizer: its tokenizer (None with shapes only). cfg: its Qwen2Config (with the run's dtypes and remat).
     abstract_model: the nnx model from `nnx.eval_shape`; graphdef / abstract_params: its split, each param a
     ShapeDtypeStruct carrying its NamedSharding on `mesh` under `rules`.
     """
 
-    model_dir: pathlib.Path
-    tokenizer: object
+    model_dir: pathlib.Path | None
+    tokenizer: object | None
     cfg: Qwen2Config
     mesh: jax.sharding.Mesh
     rules: dict
@@ -48,19 +50,36 @@ class PolicyModel:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-    def load(self, model_dir: pathlib.Path | None = None) -> Qwen2ForCausalLM:
-        """The model with the weights of `model_dir` (default: the policy's), each tensor read onto its shard."""
+    def load(self, model_dir: pathlib.Path | None = None, *, param_dtype: str | None = None) -> Qwen2ForCausalLM:
+        """The model with the weights of `model_dir` (default: the policy's), each tensor read onto its shard,
+        stored in `param_dtype` (default: the policy's)."""
         try:
             _, model = load_hf_checkpoint(model_dir or self.model_dir, mesh=self.mesh, rules=self.rules,
-                                          dtype=self.dtype, param_dtype=self.param_dtype, remat=self.cfg.remat)
+                                          dtype=self.dtype, param_dtype=param_dtype or self.param_dtype,
+                                          remat=self.cfg.remat, scan_layers=self.cfg.scan_layers,
+                                          attention=self.cfg.attention)
         except (OSError, ValueError) as error:
             raise StartupError(f"ModelSpec.checkpoint: {error}") from None
         return model
 
+    def load_reference(self) -> Qwen2ForCausalLM:
+        """The frozen reference model, held in the compute dtype: it is never updated, and its forward casts
+        every weight to that dtype anyway, so its log-probs are the same as from fp32 copies at half the bytes."""
+        return self.load(param_dtype=self.dtype)
 
-def make_mesh(mesh_spec) -> tuple[jax.sharding.Mesh, dict]:
-    """The run's device mesh and normalized logical-axis rules (MeshSpec)."""
-    devices = jax.devices()[: mesh_spec.num_devices] if mesh_spec.num_devices else None
+    def abstract_state(self, dtype: str | None = None) -> nnx.State:
+        """abstract_params, or the same tree stored in `dtype` (e.g. the reference's compute dtype)."""
+        if dtype is None:
+            return self.abstract_params
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype), sharding=a.sharding),
+                            self.abstract_params)
+
+
+def make_mesh(mesh_spec, devices=None) -> tuple[jax.sharding.Mesh, dict]:
+    """The run's device mesh and normalized logical-axis rules (MeshSpec), over `devices` (default: all of
+    jax.devices(); the fit check passes a TPU topology's compile-only devices)."""
+    devices = jax.devices() if devices is None else list(devices)
+    devices = devices[: mesh_spec.num_devices] if mesh_spec.num_devices else devices
     mesh = sharding.make_mesh(mesh_spec.data, mesh_spec.fsdp, mesh_spec.tensor, devices=devices)
     return mesh, sharding.normalize_rules(mesh_spec.rules or None, mesh)
 
@@ -80,6 +99,15 @@ def open_policy(spec, model_dir: str | pathlib.Path, mesh: jax.sharding.Mesh, ru
         if wrong:
             raise StartupError(f"{model_dir}/config.json is not a Qwen2.5-{spec.expect_preset} "
                                f"(ModelSpec.expect_preset): (found, expected) {wrong}")
+    return policy_from_config(spec, cfg, mesh, rules, model_dir=model_dir, tokenizer=tokenizer)
+
+
+def policy_from_config(spec, cfg: Qwen2Config, mesh: jax.sharding.Mesh, rules, *,
+                       model_dir: pathlib.Path | None = None, tokenizer=None) -> PolicyModel:
+    """The PolicyModel of a Qwen2Config's shapes (ModelSpec `spec` gives dtypes and remat) on `mesh`: no files
+    are read, so it works from a preset or a config.json alone (the fit check)."""
+    cfg = cfg.replace(dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat, scan_layers=spec.scan_layers,
+                      attention=spec.attention)
     abstract_model = nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract_model)
     shardings = sharding.state_shardings(abstract_state, mesh, rules)

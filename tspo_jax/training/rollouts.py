@@ -20,17 +20,28 @@ def engine_slots(requested: int, mesh, rules) -> int:
     return -(-requested // shards) * shards
 
 
-def build_agent(policy, rollout_spec, retrieval_client, *, top_k: int, slots: int, sampling: SamplingConfig,
-                mesh=None, rules=None) -> SearchAgent:
-    """A SearchAgent over a fresh Engine for `policy` (a training.policy.PolicyModel) with `slots` decode slots.
+def build_engine(policy, rollout_spec, *, slots: int, sampling: SamplingConfig, mesh=None, rules=None) -> Engine:
+    """The rollout Engine for `policy` (a training.policy.PolicyModel) with `slots` decode slots.
 
-    mesh / rules: where the engine runs (default: the policy's; on a pod, the host's own mesh)."""
+    mesh / rules: where the engine runs (default: the policy's; on a pod, the host's own mesh). A policy of
+    shapes only (no tokenizer: the fit check) gets a stop table of the same shape over single-byte tokens."""
     mesh = policy.mesh if mesh is None else mesh
     rules = policy.rules if rules is None else rules
-    stop_table = compile_stop_table(STOP_STRINGS, token_bytes(policy.tokenizer, policy.cfg.vocab_size))
-    engine = Engine(policy.abstract_model, max_concurrent_decodes=slots,
-                    max_cache_len=rollout_spec.agent.max_context_tokens, stop_table=stop_table,
-                    eos_ids=stop_token_ids(policy.tokenizer), sampling=sampling, mesh=mesh, rules=rules)
+    vocab = policy.cfg.vocab_size
+    if policy.tokenizer is None:
+        vocab_bytes, eos_ids = [bytes([i % 256]) for i in range(vocab)], (0,)
+    else:
+        vocab_bytes, eos_ids = token_bytes(policy.tokenizer, vocab), stop_token_ids(policy.tokenizer)
+    return Engine(policy.abstract_model, max_concurrent_decodes=slots,
+                  max_cache_len=rollout_spec.agent.max_context_tokens,
+                  stop_table=compile_stop_table(STOP_STRINGS, vocab_bytes), eos_ids=eos_ids, sampling=sampling,
+                  mesh=mesh, rules=rules)
+
+
+def build_agent(policy, rollout_spec, retrieval_client, *, top_k: int, slots: int, sampling: SamplingConfig,
+                mesh=None, rules=None) -> SearchAgent:
+    """A SearchAgent over a fresh Engine (`build_engine`) for `policy` with `slots` decode slots."""
+    engine = build_engine(policy, rollout_spec, slots=slots, sampling=sampling, mesh=mesh, rules=rules)
     return SearchAgent(engine, policy.tokenizer, client_retriever(retrieval_client, top_k), rollout_spec.agent)
 
 

@@ -171,7 +171,7 @@ class TrainingSession:
             _, abstract_state = nnx.split(policy.abstract_model)
             try:
                 self.host_replicas = multihost.HostReplicas(abstract_state, tensor=exp.mesh.tensor,
-                                                            rules=exp.mesh.rules or None)
+                                                            rules=exp.mesh.rules or None, dtype=policy.cfg.dtype)
             except ValueError as error:
                 raise StartupError(f"MeshSpec.tensor / rules on each host's {jax.local_device_count()} devices: "
                                    f"{error}") from None
@@ -184,7 +184,7 @@ class TrainingSession:
                 logprob_chunk_size=spec.logprob_chunk_size)
         except ValueError as error:
             raise StartupError(f"UpdateSpec / MeshSpec: {error}") from None
-        self.reference_params = nnx.state(policy.load()) if self.update.uses_reference else None
+        self.reference_params = nnx.state(policy.load_reference()) if self.update.uses_reference else None
 
     # ----- checkpoint ------------------------------------------------------------------------------------------
     def _abstract_state(self) -> dict:
@@ -242,8 +242,9 @@ class TrainingSession:
         self.eval_batch_size = slots
 
     def sampler_params(self, engine: Engine):
-        """The current params as `engine` samples from them: the same arrays on one process; on several, this
-        host's whole copy on its local devices (a collective: every process calls it at the same point)."""
+        """The current params as `engine` samples from them, in the compute dtype: on one process the same arrays
+        (a bf16 copy of fp32 master weights); on several, this host's whole copy on its local devices (a
+        collective: every process calls it at the same point)."""
         params = self.host_replicas(self.params) if self.host_replicas else self.params
         return engine.load_params(params)
 

@@ -45,16 +45,19 @@ class PolicyUpdate:
     """Jitted log-probs and updates for one model structure on one mesh.
 
     graphdef: nnx graph of the policy; params: its nnx.State (already on the mesh).
-    micro_batch_size: rows per forward/backward pass (log-probs are computed in chunks of this size too).
+    micro_batch_size: rows per forward/backward pass and process (log-probs are computed in chunks of this size
+    too); the processes' rows together (`processes`, default jax.process_count()) form the global micro-batch.
     """
 
     def __init__(self, graphdef, params: nnx.State, *, optimizer: optax.GradientTransformation,
                  schedule: optax.Schedule, loss_config: LossConfig, mesh: jax.sharding.Mesh, rules,
-                 micro_batch_size: int, logprob_chunk_size: int = 512):
+                 micro_batch_size: int, logprob_chunk_size: int = 512, processes: int | None = None):
         shards = batch_shards(mesh, rules)
-        if micro_batch_size % shards:
-            raise ValueError(f"micro-batches of {micro_batch_size} trajectories cannot be split over the {shards} "
-                             "devices of the mesh's batch axes; make UpdateSpec.micro_batch_size a multiple of it")
+        processes = jax.process_count() if processes is None else processes
+        if micro_batch_size * processes % shards:
+            raise ValueError(f"micro-batches of {micro_batch_size} trajectories per process x {processes} "
+                             f"process(es) cannot be split over the {shards} devices of the mesh's batch axes; "
+                             "make UpdateSpec.micro_batch_size a multiple of the devices per process")
         self.graphdef = graphdef
         self.optimizer = optimizer
         self.schedule = schedule
@@ -91,6 +94,27 @@ class PolicyUpdate:
     # ----- optimizer state ---------------------------------------------------------------------------------
     def init_optimizer(self, params: nnx.State):
         return self._init_opt(params)
+
+    def abstract_optimizer_state(self, params: nnx.State):
+        """init_optimizer(params)'s shapes, dtypes and shardings (ShapeDtypeStructs), without a device."""
+        opt = jax.eval_shape(self.optimizer.init, params)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt, self.opt_shardings)
+
+    # ----- lowering for abstract inputs (tspo_jax.fit_check) ----------------------------------------------
+    def lower_log_probs(self, params: nnx.State, rows: int, length: int) -> jax.stages.Lowered:
+        """The log-prob pass over one call's `rows` global rows of `length` tokens, for abstract `params`."""
+        token = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=self.row_sharding)
+        mask = jax.ShapeDtypeStruct((rows, length), jnp.bool_, sharding=self.row_sharding)
+        return self._log_probs.lower(params, token, token, mask)
+
+    def lower_update(self, params: nnx.State, micro_batches: int, rows: int, length: int) -> jax.stages.Lowered:
+        """One mini-batch update of `micro_batches` micro-batches, each `rows` global rows of `length` tokens."""
+        dtypes = {"tokens": jnp.int32, "positions": jnp.int32, "attention_mask": jnp.bool_, "loss_mask": jnp.int32,
+                  "advantages": jnp.float32, "old_logp": jnp.float32, "ref_logp": jnp.float32}
+        fields = UPDATE_FIELDS + (("ref_logp",) if self.uses_reference else ())
+        minibatch = {f: jax.ShapeDtypeStruct((micro_batches, rows, length), dtypes[f], sharding=self.stacked_sharding)
+                     for f in fields}
+        return self._update.lower(params, self.abstract_optimizer_state(params), minibatch)
 
     # ----- log-probs ---------------------------------------------------------------------------------------
     def _log_probs_fn(self, params, tokens, positions, attention_mask):
@@ -135,6 +159,9 @@ class PolicyUpdate:
         def accumulate(carry, micro):
             grads, loss, metrics = carry
             (micro_loss, micro_metrics), micro_grads = grad_fn(params, micro, num_tokens, num_sequences)
+            # Each weight's gradient lands on its parameter's FSDP shard: XLA then reduce-scatters it instead of
+            # all-reducing the full tensor to every device (a 2 GiB fp32 LM head gradient on 7B).
+            micro_grads = jax.lax.with_sharding_constraint(micro_grads, self.param_shardings)
             grads = jax.tree.map(jnp.add, grads, micro_grads)
             metrics = {
                 name: (jnp.minimum(metrics[name], value) if name == "ratio_min" else
