@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -229,37 +229,78 @@ class SearchAgent:
     def rollout(self, params, prompts: Sequence[RolloutPrompt], num_samples: int, *, seed: int
                 ) -> tuple[list[Trajectory], RolloutMetrics]:
         """Sample num_samples trajectories per prompt. Returns them grouped by prompt, samples in order."""
-        cfg = self.config
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         for prompt in prompts:
-            if len(prompt.prompt_tokens) + 1 > cfg.max_context_tokens:
-                raise ValueError(f"prompt of group {prompt.group_id!r} has {len(prompt.prompt_tokens)} tokens; "
-                                 f"max_context_tokens={cfg.max_context_tokens} leaves no room to answer")
-            if len(prompt.prompt_tokens) == 0:
-                raise ValueError(f"prompt of group {prompt.group_id!r} is empty")
+            self._check_prompt(prompt)
         metrics = RolloutMetrics()
         started = time.perf_counter()
-        waiting = collections.deque(
-            _Live(prompt=p, sample_index=i, seed=trajectory_seed(seed, p.group_id, i),
-                  tokens=[int(t) for t in p.prompt_tokens], loss_mask=[0] * len(p.prompt_tokens),
-                  turn_id=[0] * len(p.prompt_tokens), logprobs=[0.0] * len(p.prompt_tokens),
-                  final_turn=cfg.max_turns == 0)
-            for p in prompts for i in range(num_samples))
-        total = len(waiting)
-        done: dict[tuple[str, int], Trajectory] = {}
+        lives = (self._start(p, i, seed) for p in prompts for i in range(num_samples))
+        done = {(t.group_id, t.sample_index): t
+                for t in self._run(params, lives, metrics, total=len(prompts) * num_samples)}
+        metrics.wall_s = time.perf_counter() - started
+        ordered = [done[(p.group_id, i)] for p in prompts for i in range(num_samples)]
+        return ordered, metrics
+
+    def stream(self, params, prompts: Iterable[RolloutPrompt], *, seed: int, metrics: RolloutMetrics | None = None
+               ) -> Iterator[Trajectory]:
+        """One trajectory per prompt, yielded as each finishes (not in prompt order).
+
+        For evaluation over many prompts: `prompts` is drawn lazily, one whenever a slot frees, so the slots stay
+        full across the whole set (no batch boundaries) and a caller can save each result as it comes. Each
+        trajectory is the one `rollout(params, [prompt], 1, seed=seed)` would give. metrics: updated in place.
+        """
+        metrics = RolloutMetrics() if metrics is None else metrics
+        started = time.perf_counter()
+
+        def lives():
+            for prompt in prompts:
+                self._check_prompt(prompt)
+                yield self._start(prompt, 0, seed)
+
+        try:
+            yield from self._run(params, lives(), metrics, total=None)
+        finally:
+            metrics.wall_s += time.perf_counter() - started
+
+    def _check_prompt(self, prompt: RolloutPrompt) -> None:
+        if len(prompt.prompt_tokens) + 1 > self.config.max_context_tokens:
+            raise ValueError(f"prompt of group {prompt.group_id!r} has {len(prompt.prompt_tokens)} tokens; "
+                             f"max_context_tokens={self.config.max_context_tokens} leaves no room to answer")
+        if len(prompt.prompt_tokens) == 0:
+            raise ValueError(f"prompt of group {prompt.group_id!r} is empty")
+
+    def _start(self, prompt: RolloutPrompt, sample_index: int, seed: int) -> _Live:
+        length = len(prompt.prompt_tokens)
+        return _Live(prompt=prompt, sample_index=sample_index, seed=trajectory_seed(seed, prompt.group_id, sample_index),
+                     tokens=[int(t) for t in prompt.prompt_tokens], loss_mask=[0] * length, turn_id=[0] * length,
+                     logprobs=[0.0] * length, final_turn=self.config.max_turns == 0)
+
+    def _run(self, params, waiting: Iterator[_Live], metrics: RolloutMetrics, *, total: int | None
+             ) -> Iterator[Trajectory]:
+        """The continuous-batching loop: a free slot takes the next waiting trajectory at once; finished
+        trajectories are yielded as they end. total: for the progress log line (None: no log line)."""
+        cfg = self.config
+        started = time.perf_counter()
+        finished = 0
         live: dict[int, _Live] = {}
         free = list(range(self.engine.max_concurrent_decodes))[::-1]
         state = self.engine.init_decode_state()
         appends: list[tuple[int, list[int], bool, int, int]] = []  # slot, tokens, fresh, budget, seed
         last_progress = started
-        while waiting or live:
-            while free and waiting:
-                traj = waiting.popleft()
+        exhausted = False
+        while True:
+            while free and not exhausted:
+                traj = next(waiting, None)
+                if traj is None:
+                    exhausted = True
+                    break
                 slot = free.pop()
                 live[slot] = traj
                 traj.turn_start = len(traj.tokens)
                 appends.append((slot, list(traj.tokens), True, self._turn_budget(traj), traj.seed))
+            if not live:
+                return
             tick = time.perf_counter()
             if appends:
                 slots, seqs, fresh, budgets, seeds = zip(*appends)
@@ -277,18 +318,16 @@ class SearchAgent:
             for slot, append in self._end_turns(ended, metrics).items():
                 if append is None:  # the trajectory is over
                     traj = live.pop(slot)
-                    done[(traj.prompt.group_id, traj.sample_index)] = self._record(traj, metrics)
                     self.engine.free_resource(slot)
                     free.append(slot)
+                    finished += 1
+                    yield self._record(traj, metrics)
                 else:
                     appends.append(append)
             now = time.perf_counter()
-            if now - last_progress >= cfg.progress_every_s:
+            if total is not None and now - last_progress >= cfg.progress_every_s:
                 last_progress = now
-                _log_progress(len(done), total, metrics, now - started)
-        metrics.wall_s = time.perf_counter() - started
-        ordered = [done[(p.group_id, i)] for p in prompts for i in range(num_samples)]
-        return ordered, metrics
+                _log_progress(finished, total, metrics, now - started)
 
     def _turn_budget(self, traj: _Live) -> int:
         return min(self.config.max_turn_tokens, self.config.max_context_tokens - len(traj.tokens))
