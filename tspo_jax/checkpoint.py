@@ -43,19 +43,25 @@ class RunCheckpoints:
 
     save_every: save when `step % save_every == 0` (and whenever `save(..., force=True)`).
     max_to_keep: older checkpoints are deleted once this many newer ones have committed.
+    read_only: only list and restore (evaluate, export): nothing in the directory is created or cleaned up, so a
+      run that is still training there (its save in flight included) is left alone.
     """
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int, max_to_keep: int = 3,
-                 async_save: bool = True):
+                 async_save: bool = True, read_only: bool = False):
         if save_every <= 0:
             raise ValueError(f"save_every must be positive, got {save_every}")
         self.directory = run_files.run_path(directory, what="the checkpoint directory")
         self.save_every = save_every
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # a save interrupted by SIGKILL leaves a tmp dir; drop it on restart
-        )
+        if read_only:  # Orbax's read-only values, given explicitly (it warns about each one it has to change)
+            options = ocp.CheckpointManagerOptions(read_only=True, max_to_keep=None, create=False,
+                                                   save_interval_steps=0, cleanup_tmp_directories=False)
+        else:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,  # a save interrupted by SIGKILL leaves a tmp dir; drop it on restart
+            )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         self._preempted = threading.Event()
 
@@ -107,6 +113,18 @@ class RunCheckpoints:
         """Committed checkpoint steps, oldest first."""
         self._manager.reload()
         return sorted(self._manager.all_steps())
+
+    def committed_step(self, step: int | None = None) -> int:
+        """`step` if it is a committed checkpoint (None: the newest one); raises CheckpointError naming the
+        directory and the steps it has otherwise."""
+        steps = self.steps()
+        if not steps:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory} (have {steps})")
+        return step
 
     def step_path(self, step: int) -> epath.Path:
         return self.directory / str(step)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import re
 import sys
 import tempfile
 
@@ -26,21 +25,8 @@ from tspo_jax.checkpoint import CheckpointError, RunCheckpoints
 from tspo_jax.models.hf_io import export_hf_checkpoint
 from tspo_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from tspo_jax.rollout.tokenizer import load_tokenizer
-from tspo_jax.training import bootstrap, gin_config
-
-
-def trained_model_dirs(run_dir, experiment, scratch: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-    """(model directory, tokenizer directory) the run started from; a tiny model published to a gs:// run
-    directory is fetched into `scratch`."""
-    if experiment.model.checkpoint:
-        model_dir = pathlib.Path(experiment.model.checkpoint)
-    elif run_files.is_remote(run_dir):
-        model_dir = scratch / "tiny_model"
-        if not bootstrap.fetch(run_dir / "tiny_model", model_dir):
-            raise FileNotFoundError(f"{run_dir / 'tiny_model'} holds no complete tiny model")
-    else:
-        model_dir = pathlib.Path(os.fspath(run_dir)) / "tiny_model"
-    return model_dir, pathlib.Path(experiment.model.tokenizer or model_dir)
+from tspo_jax.training import gin_config
+from tspo_jax.training.policy import run_model_dir
 
 
 def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
@@ -55,26 +41,18 @@ def load_run_experiment(run_dir, scratch: pathlib.Path):
     """The Experiment (RL, `train.*`) or SFTExperiment (`sft.*`) a run directory's config.gin describes."""
     from tspo_jax import sft, train
 
-    config = run_dir / "config.gin"
-    if not config.is_file():
-        raise FileNotFoundError(f"{config} not found: is {run_dir} a training or SFT run directory?")
-    text = config.read_text()
-    local_config = scratch / "config.gin"  # gin reads local files only
-    local_config.write_text(text)
-    load = sft.load_experiment if re.search(r"^sft\.", text, re.MULTILINE) else train.load_experiment
+    local_config = gin_config.run_config(run_dir, scratch, names=("config.gin",))
+    load = sft.load_experiment if gin_config.run_kind(local_config.read_text()) == "sft" else train.load_experiment
     return load(gin_config.GinFlags(files=[str(local_config)]))
 
 
 def _export(run_dir, out_dir, step, dtype, scratch: pathlib.Path) -> pathlib.Path:
     experiment = load_run_experiment(run_dir, scratch)
-    checkpoints = RunCheckpoints(experiment.checkpoints.directory or run_dir / "checkpoints", save_every=1)
-    steps = checkpoints.steps()
-    if not steps:
-        raise CheckpointError(f"no complete checkpoint in {checkpoints.directory}")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise CheckpointError(f"no checkpoint for step {step} in {checkpoints.directory} (have {steps})")
-    model_dir, tokenizer_dir = trained_model_dirs(run_dir, experiment, scratch)
+    checkpoints = RunCheckpoints(experiment.checkpoints.directory or run_dir / "checkpoints", save_every=1,
+                                 read_only=True)  # the run may still be training
+    step = checkpoints.committed_step(step)
+    model_dir = run_model_dir(run_dir, experiment.model, scratch)
+    tokenizer_dir = pathlib.Path(experiment.model.tokenizer or model_dir)
     cfg = Qwen2Config.from_hf(model_dir, param_dtype=experiment.model.param_dtype,
                               scan_layers=experiment.model.scan_layers)  # the layout the checkpoint was saved in
     abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)))

@@ -285,3 +285,22 @@ def write_config(run_dir: str | os.PathLike, *, operative: bool = False):
     text = gin.operative_config_str() if operative else gin.config_str()
     path.write_text(text)
     return path
+
+
+def run_config(run_dir, scratch: pathlib.Path, *, names: Sequence[str] = ("operative_config.gin", "config.gin")
+               ) -> pathlib.Path:
+    """The first of `names` that run directory `run_dir` (an epath, local or gs://) holds, copied into `scratch`
+    (gin parses local files only). Raises FileNotFoundError naming the run directory when it has none."""
+    for name in names:
+        path = run_dir / name
+        if path.is_file():
+            local = pathlib.Path(scratch) / name
+            local.write_text(path.read_text())
+            return local
+    raise FileNotFoundError(f"{run_dir} has no {' or '.join(names)}: is it a training run directory?")
+
+
+def run_kind(config_text: str) -> str:
+    """The configurable a run directory's config builds: "sft" for a supervised warm start (it binds `sft.*`),
+    else "train" (an RL run)."""
+    return "sft" if re.search(r"^sft\.", config_text, re.MULTILINE) else "train"

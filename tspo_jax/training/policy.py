@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pathlib
 
 import jax
@@ -132,4 +133,18 @@ def tiny_model_dir(spec, *, run_dir, local_dir: pathlib.Path, texts: list[str], 
         model_dir = bootstrap.tiny_checkpoint(local, preset=spec.tiny_preset, texts=texts, seed=seed)
         if remote and jax.process_index() == 0:
             bootstrap.publish(local, published)
+    return model_dir
+
+
+def run_model_dir(run_dir, spec, scratch: pathlib.Path) -> pathlib.Path:
+    """The HF directory (config, tokenizer, initial weights) run `run_dir` (an epath, local or gs://) started from:
+    ModelSpec `spec`.checkpoint, or the tiny model the run made for itself, fetched into `scratch` from a gs://
+    RUN_DIR. Its tokenizer is `spec.tokenizer or` this directory."""
+    if spec.checkpoint:
+        return pathlib.Path(spec.checkpoint)
+    if not run_files.is_remote(run_dir):
+        return pathlib.Path(os.fspath(run_dir)) / "tiny_model"
+    model_dir = scratch / "tiny_model"
+    if not bootstrap.fetch(run_dir / "tiny_model", model_dir):
+        raise FileNotFoundError(f"{run_dir / 'tiny_model'} holds no complete tiny model")
     return model_dir
