@@ -16,6 +16,7 @@ import gin
 from tspo_jax.algorithms import advantages, loss
 from tspo_jax.data import demo, demonstrations
 from tspo_jax import rewards
+from tspo_jax.evaluation import spec as evaluation
 from tspo_jax.rollout import agent, sampling
 from tspo_jax.training import advantages as training_advantages
 from tspo_jax.training import experiment, optimizer
@@ -44,6 +45,9 @@ AlgorithmSpec = _register(training_advantages.AlgorithmSpec)
 WorldConfig = _register(demo.WorldConfig)
 DemonstrationConfig = _register(demonstrations.DemonstrationConfig)
 MistakeRates = _register(demonstrations.MistakeRates)
+
+# An evaluation (`python -m tspo_jax.evaluate`; configs/eval.gin).
+evaluate = _register(evaluation.EvalSpec, "evaluate")
 
 # Library configuration, bound where it is defined.
 AgentConfig = _register(agent.AgentConfig)

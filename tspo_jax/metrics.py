@@ -86,7 +86,7 @@ class ProgressLine:
         elapsed = time.monotonic() - self._start_time
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (self.total_steps - step) / rate if rate > 0 else math.inf
-        parts = [f"step {step}/{self.total_steps}", f"{rate:.3g} step/s", f"ETA {_duration(eta)}"]
+        parts = [f"step {step}/{self.total_steps}", f"{rate:.3g} step/s", f"ETA {format_duration(eta)}"]
         for label, name in (("reward", REWARD), ("em", EM), ("folr", FOLR_HIT_RATE),
                             ("nonzero-adv", GROUPS_NONZERO_ADVANTAGE), ("loss", POLICY_LOSS), ("kl", KL),
                             ("nll", "sft/nll"), ("eval-em", "eval/em")):
@@ -95,7 +95,8 @@ class ProgressLine:
         print(" | ".join(parts), file=self._stream, flush=True)
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """"1h02m", "3m07s" or "?" (not finite): the ETA of a progress line."""
     if not math.isfinite(seconds):
         return "?"
     seconds = int(seconds)

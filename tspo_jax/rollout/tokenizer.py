@@ -21,6 +21,9 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 QWEN_SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 
+# A directory holds a tokenizer when it has one of these (transformers' fast / slow tokenizer files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
 # ChatML, as Qwen2.5 formats chats; no default system message, so the prompt is exactly the user's text.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -62,6 +65,9 @@ def load_tokenizer(path: str | pathlib.Path) -> transformers.PreTrainedTokenizer
     path = pathlib.Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the model's "
+                                "tokenizer files there")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as error:  # transformers raises many types; name the directory whatever it was

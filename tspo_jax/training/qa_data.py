@@ -24,9 +24,11 @@ class QAData:
         return [source[i] for source in self.train_sources for i in range(len(source))]
 
 
-def open_qa_data(spec, *, local_dir: pathlib.Path, require_train: bool = True) -> QAData:
+def open_qa_data(spec, *, local_dir: pathlib.Path, require_train: bool = True, eval_only: bool = False
+                 ) -> QAData:
     """Opens DataSpec `spec`'s files (writing the demo world first when `spec.demo`), failing with a
-    StartupError that names the file."""
+    StartupError that names the file. eval_only: leave the training files alone (evaluating a finished run, on
+    a machine that may not have them)."""
     if spec.demo:
         with multihost.process_zero_first("demo data"):
             demo_paths = bootstrap.demo_data(local_dir / "demo_data", seed=spec.demo_seed,
@@ -36,7 +38,7 @@ def open_qa_data(spec, *, local_dir: pathlib.Path, require_train: bool = True) -
         demo_paths = None
         train_files, eval_files = list(spec.train_files), list(spec.eval_files)
     try:
-        train_sources = open_sources(train_files) if (train_files or require_train) else []
+        train_sources = open_sources(train_files) if (train_files or require_train) and not eval_only else []
         eval_sources = open_sources(eval_files) if eval_files else []
     except QADataError as error:
         raise StartupError(f"data: {error}") from None
