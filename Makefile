@@ -3,6 +3,7 @@
 #   make test    runs the whole test suite
 # Both create .venv from the requirement files when it is missing or stale.
 #   make fit-check FIT_GIN=… FIT_TOPOLOGY=…   will that experiment fit on that TPU slice (compiled on this host)
+#   make eval    evaluates the main job's latest checkpoint on its test set (python -m tspo_jax.evaluate)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,7 +13,11 @@ PYTEST_ARGS ?=
 # Generated gRPC code for the retrieval service (never hand-edited, never committed).
 PROTO_OUT := retrieval_service/retrieval_pb2.py retrieval_service/retrieval_pb2_grpc.py
 
-.PHONY: venv dev tpu proto test train sft-demo compare bench fit-check clean
+# The main job's run directory, as its config names it (`make eval RUN_DIR=runs/other` for another run).
+MAIN_JOB := configs/experiments/tiny_cpu.gin
+RUN_DIR ?= $(shell sed -n "s/^RUN_DIR = '\(.*\)'$$/\1/p" $(MAIN_JOB))
+
+.PHONY: venv dev tpu proto test train eval sft-demo compare bench fit-check clean
 
 $(VENV)/.runtime-installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,7 +49,12 @@ test: $(VENV)/.dev-installed proto
 	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 train: $(VENV)/.runtime-installed proto
-	$(PY) -m tspo_jax.train --gin_file=configs/experiments/tiny_cpu.gin $(TRAIN_ARGS)
+	$(PY) -m tspo_jax.train --gin_file=$(MAIN_JOB) $(TRAIN_ARGS)
+
+# Everything else (model, agent limits, test set, retrieval) comes from RUN_DIR's operative config.
+eval: $(VENV)/.runtime-installed proto
+	@test -n "$(RUN_DIR)" || { echo "no RUN_DIR = '...' line in $(MAIN_JOB); use make eval RUN_DIR=..."; exit 2; }
+	$(PY) -m tspo_jax.evaluate --model $(RUN_DIR) $(EVAL_ARGS)
 
 # The demo policy's supervised warm start (about an hour on 2 CPU cores); `make sft-demo SHIP=1` then copies its
 # export into tspo_jax/data/demo_policy (the policy `make train` starts from) with its recipe and hashes.

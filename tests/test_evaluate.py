@@ -9,7 +9,7 @@ and answer "Paris" every time, so a question whose golds hold "Paris" is right a
 - a run directory and the HF directory exported from its checkpoint evaluate to the same numbers, and they are
   the checkpoint's weights (which answer "Rome"), not the run's initial model's;
 - an evaluation killed midway resumes without redoing what it finished, and ends with the same table, each
-  example once; two shards sharing an output directory end with that table too;
+  example once; so do two shards, sharing an output directory or merged from two;
 - failed searches are counted and reported per source, and --redo-failed runs those examples again;
 - bad input (a file in no known layout, missing golds, an unreachable service, a model without a tokenizer, an
   output directory of another evaluation) fails before any work, naming the culprit.
@@ -145,7 +145,7 @@ def test_two_sources_in_a_parquet_and_a_jsonl_file_give_the_papers_table_and_res
 
 
 def test_a_run_directory_and_its_exported_checkpoint_evaluate_to_the_same_numbers(
-        tmp_path, search_policy, qa_files, demo_world, bm25_retrieval_server, hf_evaluation):
+        tmp_path, search_policy, qa_files, demo_world, bm25_retrieval_server, hf_evaluation, capsys):
     from flax import nnx
 
     from tspo_jax.export import export_checkpoint
@@ -171,6 +171,11 @@ def test_a_run_directory_and_its_exported_checkpoint_evaluate_to_the_same_number
     exported = export_checkpoint(run_dir, tmp_path / "exported")
 
     common = ["--data", *qa_files, "--retrieval", bm25_retrieval_server.address, "--gin.evaluate.slots=1"]
+    assert run_evaluate("--model", f"{run_dir}:2", "--out", tmp_path / "x", *common) == 2
+    assert f"--model {run_dir}:2: no checkpoint for step 2 in {run_dir / 'checkpoints'} (have [1])" in \
+        capsys.readouterr().err
+    assert run_evaluate("--model", run_dir, "--out", tmp_path / "x", "--retrieval", "127.0.0.1:9") == 2
+    assert "no data: give --data FILE" in capsys.readouterr().err  # the run has no DataSpec.eval_files
     assert run_evaluate("--model", f"{run_dir}:1", "--out", tmp_path / "from_run", *common) == 0
     # The exported directory with the run's own settings (its operative config), as a user would evaluate it.
     assert run_evaluate("--model", exported, "--out", tmp_path / "from_hf", *common,
@@ -223,22 +228,31 @@ def test_a_killed_evaluation_resumes_where_it_stopped_and_ends_with_the_same_tab
     assert {k: v for k, v in table.items() if k != "model"} == {k: v for k, v in reference.items() if k != "model"}
 
 
-def test_shards_sharing_an_output_directory_write_the_table_when_the_last_one_ends(
+def test_shards_write_the_table_when_the_last_one_ends_or_when_their_directories_are_merged(
         tmp_path, search_policy, qa_files, bm25_retrieval_server, hf_evaluation, capsys):
     common = ["--model", search_policy.model_dir, "--data", *qa_files, "--retrieval", bm25_retrieval_server.address,
               *SMALL]
-    assert run_evaluate(*common, "--out", tmp_path / "a", "--shard", "1/2") == 0
-    assert "4 of 9 examples recorded" in capsys.readouterr().out
-    assert not (tmp_path / "a" / "results.json").exists()  # shard 0 has not run yet
-    assert (tmp_path / "a" / "trajectories.shard-1-of-2.jsonl").exists()
-    # Shard 0 on "another host" (its own directory), then merged: the same table as one process.
-    assert run_evaluate(*common, "--out", tmp_path / "b", "--shard", "0/2") == 0
-    assert run_evaluate("--merge", tmp_path / "a", tmp_path / "b") == 0
     reference = json.loads((hf_evaluation / "results.json").read_text())
-    merged = json.loads((tmp_path / "a" / "results.json").read_text())
-    assert {k: v for k, v in merged.items() if k != "model"} == {k: v for k, v in reference.items() if k != "model"}
-    assert read_jsonl(tmp_path / "a" / "trajectories.jsonl") == read_jsonl(hf_evaluation / "trajectories.jsonl")
-    assert not list((tmp_path / "a").glob("trajectories.*-of-*.jsonl"))  # merged into trajectories.jsonl
+    reference_records = read_jsonl(hf_evaluation / "trajectories.jsonl")
+
+    def same_as_reference(out):
+        table = json.loads((out / "results.json").read_text())
+        assert {k: v for k, v in table.items() if k != "model"} == {k: v for k, v in reference.items() if k != "model"}
+        assert read_jsonl(out / "trajectories.jsonl") == reference_records
+        assert not list(out.glob("trajectories.*.jsonl"))  # every shard's file merged into trajectories.jsonl
+
+    # Two processes sharing OUT: the first to end leaves its records; the second finds every example and tabulates.
+    assert run_evaluate(*common, "--out", tmp_path / "shared", "--shard", "1/2") == 0
+    assert "4 of 9 examples recorded" in capsys.readouterr().out
+    assert not (tmp_path / "shared" / "results.json").exists()
+    shutil.copytree(tmp_path / "shared", tmp_path / "host1")  # what shard 1 left, as if on another host
+    assert run_evaluate(*common, "--out", tmp_path / "shared", "--shard", "0/2") == 0
+    same_as_reference(tmp_path / "shared")
+    # Shard 0 on a host of its own, then the two directories merged on one machine.
+    assert run_evaluate(*common, "--out", tmp_path / "host0", "--shard", "0/2") == 0
+    assert not (tmp_path / "host0" / "results.json").exists()
+    assert run_evaluate("--merge", tmp_path / "host1", tmp_path / "host0") == 0
+    same_as_reference(tmp_path / "host1")
 
 
 def test_failed_searches_are_counted_and_reported_and_redo_failed_runs_them_again(
@@ -257,8 +271,8 @@ def test_failed_searches_are_counted_and_reported_and_redo_failed_runs_them_agai
     assert "**7 searches failed**" in (out / "results.md").read_text()
     assert all(r["search_failures"] == 1 and "search failed" in r["turns"][0]["observation"]
                for r in read_jsonl(out / "trajectories.jsonl"))
-    # With a healthy service, --redo-failed runs exactly those examples again.
-    assert run_evaluate(*common, "--retrieval", bm25_retrieval_server.address, "--redo-failed") == 0
+    # With a healthy service (started for the evaluation over the index), --redo-failed runs those examples again.
+    assert run_evaluate(*common, "--index", bm25_index, "--redo-failed") == 0
     again = json.loads((out / "results.json").read_text())
     assert again["failed_searches"] == 0
     reference = read_jsonl(hf_evaluation / "trajectories.jsonl")[:7]

@@ -40,6 +40,7 @@ from tspo_jax import metrics as names
 from tspo_jax import run_files
 from tspo_jax.data import QADataError, open_sources
 from tspo_jax.data.sources import default_source_name
+from tspo_jax.checkpoint import RunCheckpoints
 from tspo_jax.evaluation.model_source import (ModelSource, checkpoint_step, load_params, model_source,
                                               run_checkpoints)
 from tspo_jax.evaluation.spec import EvalSpec
@@ -184,7 +185,8 @@ class Progress:
     def report(self, now: float) -> None:
         elapsed = max(now - self.started, 1e-9)
         rate = self.done / elapsed
-        row = {"done": self.done, "total": self.total, "elapsed_s": elapsed, "examples_per_s": rate,
+        row = {"time": time.time(), "done": self.done, "total": self.total, "elapsed_s": elapsed,
+               "examples_per_s": rate,
                "tokens_per_s": self.metrics.tokens_generated / elapsed,
                "eta_s": (self.total - self.done) / rate if rate else None,
                "em": self.correct / max(self.done, 1), "failed_searches": self.metrics.failed_searches}
@@ -205,38 +207,64 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Plan:
+    """What is evaluated, decided (and checked) before a service or a model is touched.
+
+    spec: the EvalSpec with --retrieval / --index applied. checkpoints / step: the run's (None for an HF directory).
+    todo: this process's examples that OUT has no record of yet.
+    """
+
+    source: ModelSource
+    settings: Settings
+    spec: EvalSpec
+    data: Examples
+    store: EvalStore
+    checkpoints: RunCheckpoints | None
+    step: int | None
+    todo: list
+
+
 def evaluate(args, flags: gin_config.GinFlags) -> tuple[EvalStore, ResultsTable | None]:
     """Runs (or resumes) this process's share of the evaluation; returns OUT and, once every example is done,
     the table."""
-    source = model_source(args.model)
     with tempfile.TemporaryDirectory(prefix="tspo_eval_") as scratch, contextlib.ExitStack() as stack:
-        scratch = pathlib.Path(scratch)
-        settings = load_settings(source, flags, scratch)
-        spec = dataclasses.replace(settings.spec, retrieval=retrieval_spec(settings.spec.retrieval, args))
-        checkpoints = step = None
-        if source.is_run:
-            checkpoints = run_checkpoints(source, settings.run.checkpoints.directory)
-            stack.callback(checkpoints.close)
-            step = checkpoint_step(checkpoints, source)
-        data = open_examples(args, source, settings)
-        model = f"{os.fspath(source.run_dir)}:{step}" if source.is_run else os.fspath(source.hf_dir)
-        out = pathlib.Path(args.out) if args.out else default_out(source, step)
-        store = EvalStore(out, {"model": model, **data.manifest(), "limit_per_source": args.limit_per_source,
-                                "settings": settings.manifest_settings()})
-        log.info("evaluating %s on %d examples (%s) into %s", model, len(data.examples),
-                 ", ".join(f"{k} {v}" for k, v in store.manifest["examples"].items()), out)
-        if args.redo_failed:
-            failed = {r["id"] for r in store.records().values() if r["search_failures"]}
-            log.info("--redo-failed: %d examples had a failed search; they run again", store.drop(failed))
-        done = store.records()
-        mine = args.shard.take(data.examples)
-        todo = [example for example in mine if example.uid not in done]
-        if len(todo) < len(mine):
-            log.info("resuming: %d of this process's %d examples are already in %s", len(mine) - len(todo), len(mine),
-                     out)
-        if todo:
-            run_rollouts(todo, spec, settings, source, data, checkpoints, step, store, args, stack)
-    return store, finish(store, args)
+        plan = make_plan(args, flags, pathlib.Path(scratch), stack)
+        if plan.todo:
+            run_rollouts(plan, args, stack)
+    return plan.store, finish(plan.store, args)
+
+
+def make_plan(args, flags: gin_config.GinFlags, scratch: pathlib.Path, stack: contextlib.ExitStack) -> Plan:
+    source = model_source(args.model)
+    settings = load_settings(source, flags, scratch)
+    spec = dataclasses.replace(settings.spec, retrieval=retrieval_spec(settings.spec.retrieval, args))
+    checkpoints = step = None
+    if source.is_run:
+        checkpoints = run_checkpoints(source, settings.run.checkpoints.directory)
+        stack.callback(checkpoints.close)
+        step = checkpoint_step(checkpoints, source)
+    elif spec.model.checkpoint and pathlib.Path(spec.model.checkpoint).resolve() != source.hf_dir.resolve():
+        log.info("ModelSpec.checkpoint = %r is not used: --model %s is what is evaluated", spec.model.checkpoint,
+                 source.hf_dir)  # e.g. an export evaluated with its run's operative_config.gin
+    data = open_examples(args, source, settings)
+    model = f"{os.fspath(source.run_dir)}:{step}" if source.is_run else os.fspath(source.hf_dir)
+    out = pathlib.Path(args.out) if args.out else default_out(source, step)
+    store = EvalStore(out, {"model": model, **data.manifest(), "limit_per_source": args.limit_per_source,
+                            "settings": settings.manifest_settings()})
+    log.info("evaluating %s on %d examples (%s) into %s", model, len(data.examples),
+             ", ".join(f"{k} {v}" for k, v in store.manifest["examples"].items()), out)
+    if args.redo_failed:
+        failed = {r["id"] for r in store.records().values() if r["search_failures"]}
+        log.info("--redo-failed: %d examples had a failed search; they run again", store.drop(failed))
+    done = store.records()
+    mine = args.shard.take(data.examples)
+    todo = [example for example in mine if example.uid not in done]
+    if len(todo) < len(mine):
+        log.info("resuming: %d of this process's %d examples are already in %s", len(mine) - len(todo), len(mine),
+                 out)
+    return Plan(source=source, settings=settings, spec=spec, data=data, store=store, checkpoints=checkpoints,
+                step=step, todo=todo)
 
 
 def default_out(source: ModelSource, step: int | None) -> pathlib.Path:
@@ -245,24 +273,22 @@ def default_out(source: ModelSource, step: int | None) -> pathlib.Path:
     raise StartupError(f"--out DIR is required for --model {source.text} (results are written to local disk)")
 
 
-def run_rollouts(todo, spec: EvalSpec, settings: Settings, source: ModelSource, data: Examples, checkpoints, step,
-                 store: EvalStore, args, stack: contextlib.ExitStack) -> None:
-    """Retrieval, then the model, then greedy rollouts over `todo`, each record saved as its example ends."""
-    log_dir = store.out_dir if args.shard.count == 1 else store.out_dir / f"shard-{args.shard.index}-of-{args.shard.count}"
+def run_rollouts(plan: Plan, args, stack: contextlib.ExitStack) -> None:
+    """Retrieval, then the model, then greedy rollouts over `plan.todo`, each record saved as its example ends."""
+    spec, source, shard = plan.spec, plan.source, args.shard
+    log_dir = plan.store.out_dir / (f"shard-{shard.index}-of-{shard.count}" if shard.count > 1 else "")
     log_dir.mkdir(exist_ok=True)
-    retrieval = connect_retrieval(spec.retrieval, stack, local_dir=log_dir,
-                                  demo_corpus=data.demo_paths and data.demo_paths["corpus"])
+    demo = plan.data.demo_paths
+    retrieval = connect_retrieval(spec.retrieval, stack, local_dir=log_dir, demo_corpus=demo and demo["corpus"])
     mesh, rules = make_mesh(spec.mesh)
-    if source.is_run:
-        with tempfile.TemporaryDirectory(prefix="tspo_eval_model_") as scratch:
-            try:
-                model_dir = run_model_dir(source.run_dir, spec.model, pathlib.Path(scratch))
-            except FileNotFoundError as error:
-                raise StartupError(f"--model {source.text}: {error}") from None
-            policy = open_policy(spec.model, model_dir, mesh, rules)
-    else:
-        policy = open_policy(spec.model, source.hf_dir, mesh, rules)
-    params = load_params(policy, checkpoints, step)
+    with tempfile.TemporaryDirectory(prefix="tspo_eval_model_") as scratch:
+        try:
+            model_dir = run_model_dir(source.run_dir, spec.model, pathlib.Path(scratch)) if source.is_run \
+                else source.hf_dir
+        except FileNotFoundError as error:
+            raise StartupError(f"--model {source.text}: {error}") from None
+        policy = open_policy(spec.model, model_dir, mesh, rules)
+    params = load_params(policy, plan.checkpoints, plan.step)
     try:
         agent = build_agent(policy, spec.rollout, retrieval, top_k=spec.retrieval.top_k,
                             slots=engine_slots(spec.slots, mesh, rules), sampling=SamplingConfig(temperature=0.0))
@@ -272,12 +298,13 @@ def run_rollouts(todo, spec: EvalSpec, settings: Settings, source: ModelSource, 
 
     def prompts(examples):
         return rollout_prompts(policy.tokenizer, examples, template=spec.rollout.prompt_template,
-                               use_dataset_prompt=settings.use_dataset_prompt)
+                               use_dataset_prompt=plan.settings.use_dataset_prompt)
 
     metrics = RolloutMetrics()
-    with store.writer(args.shard) as append, store.progress_log(args.shard) as progress_file:
-        progress = Progress(len(todo), metrics, progress_file, every_s=args.progress_every)
-        for record in greedy_records(agent, params, todo, prompts=prompts, scoring=spec.scoring, metrics=metrics):
+    with plan.store.writer(shard) as append, plan.store.progress_log(shard) as progress_file:
+        progress = Progress(len(plan.todo), metrics, progress_file, every_s=args.progress_every)
+        for record in greedy_records(agent, params, plan.todo, prompts=prompts, scoring=spec.scoring,
+                                     metrics=metrics):
             append(record)
             progress.update(record)
     print(progress.summary(), flush=True)
@@ -335,7 +362,8 @@ def parse_args(argv: Sequence[str]) -> tuple[gin_config.GinFlags, argparse.Names
                         help="this process takes every N-th example from the I-th (0-based)")
     parser.add_argument("--name", help="the table row's label (default: the model path and step)")
     parser.add_argument("--redo-failed", action="store_true", help="run again the examples that had a failed search")
-    parser.add_argument("--progress-every", type=float, default=10.0, metavar="S", help="seconds between progress lines")
+    parser.add_argument("--progress-every", type=float, default=10.0, metavar="S",
+                        help="seconds between progress lines")
     args = parser.parse_args(rest)
     if args.limit_per_source is not None and args.limit_per_source < 1:
         parser.error(f"--limit-per-source must be >= 1, got {args.limit_per_source}")

@@ -248,7 +248,8 @@ class SearchAgent:
 
         For evaluation over many prompts: `prompts` is drawn lazily, one whenever a slot frees, so the slots stay
         full across the whole set (no batch boundaries) and a caller can save each result as it comes. Each
-        trajectory is the one `rollout(params, [prompt], 1, seed=seed)` would give. metrics: updated in place.
+        trajectory is sampled with the seed `rollout(params, [prompt], 1, seed=seed)` would give it. metrics:
+        updated in place.
         """
         metrics = RolloutMetrics() if metrics is None else metrics
         started = time.perf_counter()
@@ -272,7 +273,8 @@ class SearchAgent:
 
     def _start(self, prompt: RolloutPrompt, sample_index: int, seed: int) -> _Live:
         length = len(prompt.prompt_tokens)
-        return _Live(prompt=prompt, sample_index=sample_index, seed=trajectory_seed(seed, prompt.group_id, sample_index),
+        return _Live(prompt=prompt, sample_index=sample_index,
+                     seed=trajectory_seed(seed, prompt.group_id, sample_index),
                      tokens=[int(t) for t in prompt.prompt_tokens], loss_mask=[0] * length, turn_id=[0] * length,
                      logprobs=[0.0] * length, final_turn=self.config.max_turns == 0)
 

@@ -289,11 +289,14 @@ def write_config(run_dir: str | os.PathLike, *, operative: bool = False):
 
 def run_config(run_dir, scratch: pathlib.Path, *, names: Sequence[str] = ("operative_config.gin", "config.gin")
                ) -> pathlib.Path:
-    """The first of `names` that run directory `run_dir` (an epath, local or gs://) holds, copied into `scratch`
-    (gin parses local files only). Raises FileNotFoundError naming the run directory when it has none."""
+    """The first of `names` that run directory `run_dir` (an epath, local or gs://) holds, as a local file: itself,
+    or (gs://) a copy in `scratch`, since gin parses local files only. Raises FileNotFoundError naming the run
+    directory when it has none."""
     for name in names:
         path = run_dir / name
         if path.is_file():
+            if "://" not in os.fspath(path):
+                return pathlib.Path(os.fspath(path))
             local = pathlib.Path(scratch) / name
             local.write_text(path.read_text())
             return local
