@@ -12,9 +12,11 @@ and answer "Paris" every time, so a question whose golds hold "Paris" is right a
   example once; so do two shards, sharing an output directory or merged from two;
 - failed searches are counted and reported per source, and --redo-failed runs those examples again;
 - bad input (a file in no known layout, missing golds, an unreachable service, a model without a tokenizer, an
-  output directory of another evaluation) fails before any work, naming the culprit.
+  output directory of another evaluation or in use by another process) fails before any work, naming the
+  culprit.
 """
 
+import fcntl
 import json
 import os
 import pathlib
@@ -280,9 +282,9 @@ def test_failed_searches_are_counted_and_reported_and_redo_failed_runs_them_agai
 
 
 @pytest.mark.parametrize("case", ["unknown layout", "missing golds", "unreachable service", "no tokenizer",
-                                  "another evaluation", "neither run nor model"])
+                                  "another evaluation", "output in use", "neither run nor model"])
 def test_bad_input_fails_before_any_work_naming_the_culprit(
-        case, tmp_path, search_policy, qa_files, bm25_retrieval_server, tiny_qwen_checkpoint, capsys):
+        case, tmp_path, search_policy, qa_files, bm25_retrieval_server, tiny_qwen_checkpoint, capsys, request):
     model, data, retrieval = search_policy.model_dir, [qa_files[1]], bm25_retrieval_server.address
     out = tmp_path / "out"
     if case == "unknown layout":  # FlashRAG-style columns: no data_source / prompt / reward_model
@@ -302,6 +304,12 @@ def test_bad_input_fails_before_any_work_naming_the_culprit(
         out.mkdir()
         (out / "evaluation.json").write_text(json.dumps({"model": "/elsewhere/run:3", "data": []}))
         expected = [f"{out / 'evaluation.json'} records another evaluation", '"/elsewhere/run:3" there']
+    elif case == "output in use":  # another process evaluating into the same OUT, as the same shard
+        out.mkdir()
+        busy = open(out / ".trajectories.lock", "w")
+        request.addfinalizer(busy.close)
+        fcntl.flock(busy, fcntl.LOCK_EX)
+        expected = [f"another process is already evaluating {out} with the same --shard"]
     else:
         model = tmp_path
         expected = [f"--model {tmp_path} is neither a training run directory"]

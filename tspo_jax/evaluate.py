@@ -254,6 +254,7 @@ def make_plan(args, flags: gin_config.GinFlags, scratch: pathlib.Path, stack: co
                             "settings": settings.manifest_settings()})
     log.info("evaluating %s on %d examples (%s) into %s", model, len(data.examples),
              ", ".join(f"{k} {v}" for k, v in store.manifest["examples"].items()), out)
+    stack.enter_context(store.claim(args.shard))
     if args.redo_failed:
         failed = {r["id"] for r in store.records().values() if r["search_failures"]}
         log.info("--redo-failed: %d examples had a failed search; they run again", store.drop(failed))
@@ -361,7 +362,8 @@ def parse_args(argv: Sequence[str]) -> tuple[gin_config.GinFlags, argparse.Names
     parser.add_argument("--shard", type=Shard.parse, default=Shard(), metavar="I/N",
                         help="this process takes every N-th example from the I-th (0-based)")
     parser.add_argument("--name", help="the table row's label (default: the model path and step)")
-    parser.add_argument("--redo-failed", action="store_true", help="run again the examples that had a failed search")
+    parser.add_argument("--redo-failed", action="store_true",
+                        help="run again the examples that had a failed search (with no other process on --out)")
     parser.add_argument("--progress-every", type=float, default=10.0, metavar="S",
                         help="seconds between progress lines")
     args = parser.parse_args(rest)

@@ -98,6 +98,22 @@ class EvalStore:
         return out
 
     @contextlib.contextmanager
+    def claim(self, shard: Shard):
+        """Holds `shard`'s place in OUT: a second process started on the same OUT and shard (whose appends would
+        interleave with this one's) fails at once, naming it. Released when the process ends, however it ends."""
+        path = self.out_dir / f".trajectories{shard.suffix}.lock"
+        with open(path, "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f"another process is already evaluating {self.out_dir} with the same --shard "
+                                 f"({path} is locked)") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
     def writer(self, shard: Shard) -> Iterator[Callable[[dict], None]]:
         """append(record) for this process's own file, flushed per record; a line torn by a kill is cut first."""
         path = self.out_dir / f"trajectories{shard.suffix}.jsonl"
@@ -111,7 +127,8 @@ class EvalStore:
             os.fsync(f.fileno())
 
     def drop(self, ids: set[str]) -> int:
-        """Removes the records of `ids` from every record file (so those examples run again); returns how many."""
+        """Removes the records of `ids` from every record file (so those examples run again); returns how many.
+        Rewrites other shards' files too: no other process may be evaluating into OUT meanwhile."""
         dropped = 0
         with self.lock():
             for path in self.record_files():
