@@ -51,6 +51,7 @@ from tspo_jax.rollout.sampling import SamplingConfig
 from tspo_jax.training import gin_config
 from tspo_jax.training.errors import StartupError
 from tspo_jax.training.evaluation import greedy_records
+from tspo_jax.training.experiment import SFTExperiment
 from tspo_jax.training.policy import make_mesh, open_policy, run_model_dir
 from tspo_jax.training.qa_data import open_qa_data
 from tspo_jax.training.retrieval import connect_retrieval
@@ -64,11 +65,16 @@ EVAL_FRAME = "configs/eval.gin"
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """The evaluation as configured: spec (EvalSpec), use_dataset_prompt (DataSpec.use_dataset_prompt), and for a
-    run directory its Experiment (data, seed, local_dir, checkpoint directory), else None."""
+    run directory its Experiment or SFTExperiment (data, local_dir, checkpoint directory), else None."""
 
     spec: EvalSpec
     use_dataset_prompt: bool
     run: object | None
+
+    @property
+    def run_data(self):
+        """The DataSpec the run evaluated on: an RL run's `data`, an SFT run's `eval_data` (None: it had none)."""
+        return getattr(self.run, "eval_data", None) if isinstance(self.run, SFTExperiment) else self.run.data
 
     def manifest_settings(self) -> dict:
         """What changes an example's result (so a resumed or merged evaluation must share it)."""
@@ -87,16 +93,18 @@ def load_settings(source: ModelSource, flags: gin_config.GinFlags, scratch: path
 
     from tspo_jax import configurables  # registers everything gin may bind
 
-    files = [EVAL_FRAME]
+    files, kind = [EVAL_FRAME], None
     if source.is_run:
         try:
-            files.append(str(gin_config.run_config(source.run_dir, scratch)))
+            run_config = gin_config.run_config(source.run_dir, scratch)
         except FileNotFoundError as error:
             raise StartupError(f"--model {source.text}: {error}") from None
+        files.append(str(run_config))
+        kind = gin_config.run_kind(run_config.read_text())  # "train" (RL) or "sft"
     gin_config.load(dataclasses.replace(flags, files=files + flags.files))
     try:
         spec = configurables.evaluate()
-        run = configurables.train() if source.is_run else None
+        run = getattr(configurables, kind)() if kind else None
     except (ValueError, TypeError) as error:
         raise gin_config.GinConfigError(f"bad configuration: {error}") from None
     return Settings(spec=spec, use_dataset_prompt=gin.query_parameter("DataSpec.use_dataset_prompt"), run=run)
@@ -129,9 +137,10 @@ class Examples:
 
 def open_examples(args, source: ModelSource, settings: Settings) -> Examples:
     run, demo_paths, sources = settings.run, None, None
-    if run is not None and (run.data.demo or not args.data):
+    run_data = settings.run_data if run is not None else None
+    if run_data is not None and (run_data.demo or not args.data):
         local_dir = run_files.local_work_dir(source.run_dir, run.local_dir)
-        qa = open_qa_data(run.data, local_dir=local_dir, eval_only=True)
+        qa = open_qa_data(run_data, local_dir=local_dir, eval_only=True)
         demo_paths, sources = qa.demo_paths, qa.eval_sources
     if args.data:
         try:
