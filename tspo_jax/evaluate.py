@@ -180,6 +180,7 @@ class Progress:
     def __init__(self, total: int, metrics: RolloutMetrics, log_file, *, every_s: float):
         self.total, self.metrics, self.log_file, self.every_s = total, metrics, log_file, every_s
         self.started = self.last = time.monotonic()
+        self.first = None  # when the first example ended: the time before it is mostly compilation
         self.done = 0
         self.correct = 0.0
 
@@ -187,6 +188,7 @@ class Progress:
         self.done += 1
         self.correct += record["em"]
         now = time.monotonic()
+        self.first = self.first or now
         if now - self.last >= self.every_s or self.done == self.total:
             self.last = now
             self.report(now)
@@ -194,12 +196,14 @@ class Progress:
     def report(self, now: float) -> None:
         elapsed = max(now - self.started, 1e-9)
         rate = self.done / elapsed
+        # The ETA extrapolates the rate since the first example ended (no estimate before a second one has).
+        since_first = (self.done - 1) / (now - self.first) if self.done > 1 and now > self.first else 0.0
         row = {"time": time.time(), "done": self.done, "total": self.total, "elapsed_s": elapsed,
-               "examples_per_s": rate,
-               "tokens_per_s": self.metrics.tokens_generated / elapsed,
-               "eta_s": (self.total - self.done) / rate if rate else None,
+               "examples_per_s": rate, "tokens_per_s": self.metrics.tokens_generated / elapsed,
+               "eta_s": 0.0 if self.done == self.total else (self.total - self.done) / since_first if since_first
+               else None,
                "em": self.correct / max(self.done, 1), "failed_searches": self.metrics.failed_searches}
-        eta = names.format_duration(row["eta_s"] if rate else float("inf"))
+        eta = names.format_duration(row["eta_s"] if row["eta_s"] is not None else float("inf"))
         print(f"eval {self.done}/{self.total} | {rate:.3g} examples/s | {row['tokens_per_s']:.0f} tokens/s | "
               f"ETA {eta} | em {row['em']:.3f} | failed searches {row['failed_searches']}", flush=True)
         self.log_file.write(json.dumps(row) + "\n")
