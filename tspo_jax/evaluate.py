@@ -38,9 +38,8 @@ from collections.abc import Sequence
 
 from tspo_jax import metrics as names
 from tspo_jax import run_files
-from tspo_jax.data import QADataError, open_sources
-from tspo_jax.data.sources import default_source_name
 from tspo_jax.checkpoint import RunCheckpoints
+from tspo_jax.data import QADataError, open_sources
 from tspo_jax.evaluation.model_source import (ModelSource, checkpoint_step, load_params, model_source,
                                               run_checkpoints)
 from tspo_jax.evaluation.spec import EvalSpec
@@ -350,7 +349,8 @@ def merge(dirs: Sequence[str], args) -> tuple[EvalStore, ResultsTable | None]:
     manifest = read_manifest(pathlib.Path(dirs[0]))
     store = EvalStore(args.out or dirs[0], manifest)
     for k, directory in enumerate(dirs):
-        other = EvalStore(directory, manifest)  # refuses a directory of another evaluation
+        read_manifest(pathlib.Path(directory))  # each must be an evaluation's output directory
+        other = EvalStore(directory, manifest)  # and of this evaluation
         if other.out_dir.resolve() == store.out_dir.resolve():
             continue
         for i, path in enumerate(other.record_files()):
