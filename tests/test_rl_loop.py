@@ -169,7 +169,7 @@ def test_the_reference_stays_the_initial_model_while_the_policy_moves_away(grpo_
             assert drift > 1e-2, drift  # ... and leaves it: a reference that followed it would too
     kls = [u["metrics"]["kl"] for step in steps for u in step["updates"]]
     assert kls[0] < 1e-7  # the first update: policy == reference
-    assert all(kl > 0 for kl in kls[1:]) and steps[-1]["metrics"][names.KL] > 10 * max(kls[1], 1e-7)
+    assert all(kl > 0 for kl in kls[1:]) and steps[-1]["metrics"][names.KL] > steps[0]["metrics"][names.KL]
 
 
 def test_grpo_trains_on_the_estimator_applied_to_the_step_s_own_scores(grpo_steps):
@@ -197,8 +197,8 @@ def gtpo_trainer(tmp_path_factory, demo_world, dense_service, searching_policy):
     run_dir = tmp_path_factory.mktemp("gtpo") / "run"
     trainer = _trainer(searching_run_flags(run_dir, demo_world, dense_service.address, searching_policy,
                                            "--gin_file=configs/algorithms/gtpo.gin",
-                                           "--gin.AlgorithmSpec.gtpo_shaping_beta=0.5", "--gin.UpdateSpec.mini_batches=1",
-                                           "--gin.UpdateSpec.micro_batch_size=16", "--gin.RetrievalSpec.deadline_s=1.0",
+                                           "--gin.AlgorithmSpec.gtpo_shaping_beta=0.5",
+                                           "--gin.UpdateSpec.mini_batches=1", "--gin.RetrievalSpec.deadline_s=1.0",
                                            "--gin.OptimizerSpec.learning_rate=1e-5", "--gin.train.num_steps=10"))
     recorder = StepRecorder(trainer)
     yield trainer, recorder
