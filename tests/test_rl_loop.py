@@ -189,7 +189,8 @@ def test_grpo_trains_on_the_estimator_applied_to_the_step_s_own_scores(grpo_step
         turn = np.repeat(trajectory[..., None], MAX_TURNS, axis=-1)  # every turn of a trajectory
         np.testing.assert_allclose(batch.advantages, _expected_token_advantages(turn, batch), atol=1e-5, rtol=0,
                                    err_msg=f"step {number}")
-    assert any(step["batch"].advantages.any() for step in steps), "no step had a group with mixed rewards"
+    assert any(step["batch"].advantages.any() for step in steps), ("no step had a group with mixed rewards",
+                                                                    [step["metrics"][names.EM] for step in steps])
 
 
 # --- one update per step: GTPO with shaping against a dense service; the hung service -------------------------------
