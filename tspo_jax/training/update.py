@@ -109,14 +109,14 @@ class PolicyUpdate:
         mask = jax.ShapeDtypeStruct((rows, length), jnp.bool_, sharding=self.row_sharding)
         return self._log_probs.lower(params, token, token, mask)
 
-    def lower_update(self, params: nnx.State, micro_batches: int, rows: int, length: int) -> jax.stages.Lowered:
+    def lower_update(self, params: nnx.State, micro_batches: int, rows: int, length: int, *,
+                     on_policy: bool = False) -> jax.stages.Lowered:
         """One mini-batch update of `micro_batches` micro-batches, each `rows` global rows of `length` tokens."""
         dtypes = {"tokens": jnp.int32, "positions": jnp.int32, "attention_mask": jnp.bool_, "loss_mask": jnp.int32,
                   "advantages": jnp.float32, "old_logp": jnp.float32, "ref_logp": jnp.float32}
-        fields = UPDATE_FIELDS + (("ref_logp",) if self.uses_reference else ())
         minibatch = {f: jax.ShapeDtypeStruct((micro_batches, rows, length), dtypes[f], sharding=self.stacked_sharding)
-                     for f in fields}
-        return self._update.lower(params, self.abstract_optimizer_state(params), minibatch)
+                     for f in self.update_fields(on_policy)}
+        return self._update[on_policy].lower(params, self.abstract_optimizer_state(params), minibatch)
 
     # ----- log-probs ---------------------------------------------------------------------------------------
     def _log_probs_fn(self, params, tokens, positions, attention_mask):
