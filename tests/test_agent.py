@@ -116,10 +116,26 @@ def test_turn_ends_right_after_the_token_completing_a_spanning_search_tag(qwen, 
     assert trajectory.loss_mask[prompt_length:].tolist() == [1] * len(first_turn) + [0] * len(observation) + [
         1] * len(answer)
     assert trajectory.turn_id[prompt_length:].tolist() == [1] * (len(first_turn) + len(observation)) + [2] * len(answer)
-    assert trajectory.observations[0].startswith("\n\n<information>Doc 1(Title: Paris) Paris is the capital of France")
+    assert trajectory.observations[0].startswith('\n\n<information>Doc 1(Title: "Paris") Paris is the capital of')
     assert trajectory.observations[0].endswith("</information>\n\n") and trajectory.observations[1] is None
     assert trajectory.stop_reason == "answer" and trajectory.turn_texts[1] == "<answer> Paris </answer>"
     assert metrics.searches == 1 and metrics.valid_actions == 2 and metrics.failed_searches == 0
+
+
+def test_the_observation_is_search_r1_s_text_with_top_k_documents(qwen, client):
+    tokenizer, stop_table = qwen
+    query = encode(tokenizer, "<search> Tolstoy Russian Austen </search>")
+    answer = encode(tokenizer, "<answer> Leo Tolstoy </answer>")
+    config = AgentConfig(max_turns=2, max_context_tokens=2048)
+    _, [trajectory], _ = run(tokenizer, stop_table, QWEN_VOCAB, lambda seed, turn: [query, answer][turn],
+                             client_retriever(client, top_k=2), config, ["Who wrote War and Peace?"])
+    # Search-R1 (search_r1/llm_agent/generation.py) renders each hit as `Doc {i}(Title: {first line of contents})
+    # {rest}`, one per line, stripped, inside the tags; wiki-18's first line is the quoted title.
+    assert trajectory.observations[0] == (
+        '\n\n<information>Doc 1(Title: "War and Peace") War and Peace is a novel about Russian society during the '
+        "Napoleonic wars. It was written by Leo Tolstoy.\n"
+        'Doc 2(Title: "Pride and Prejudice") Pride and Prejudice is a novel of manners set in rural England. It was '
+        "written by Jane Austen.</information>\n\n")
 
 
 def test_invalid_turns_get_the_correction_and_the_final_turn_cannot_search(tiny, search):
@@ -138,7 +154,7 @@ def test_invalid_turns_get_the_correction_and_the_final_turn_cannot_search(tiny,
     assert trajectory.turn_texts[0] == "I think it is old.<|im_end|>"
     assert trajectory.observations[0] == texts.INVALID_ACTION_TEXT
     assert trajectory.queries == [None, "Ottawa", None]  # the final turn's </search> searches nothing
-    assert trajectory.observations[1].startswith("\n\n<information>Doc 1(Title: Ottawa)")
+    assert trajectory.observations[1].startswith('\n\n<information>Doc 1(Title: "Ottawa")')
     assert trajectory.observations[1].endswith("</information>\n\n" + texts.FINAL_TURN_TEXT)
     assert trajectory.observations[2] is None
     assert metrics.turns == 3 and metrics.searches == 1 and metrics.valid_actions == 1

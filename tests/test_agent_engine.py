@@ -1,5 +1,8 @@
 """The agent loop on the real engine: a tiny HF checkpoint, the tiny tokenizer, a real BM25 retrieval server."""
 
+import contextlib
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,6 +23,22 @@ CONFIG = AgentConfig(max_turns=2, max_turn_tokens=12, max_obs_tokens=200, max_co
                      decode_steps_per_call=8)
 
 
+@contextlib.contextmanager
+def backend_compilations():
+    """Collects the XLA compilations that happen inside the block (JAX reports each through jax.monitoring)."""
+    compiled = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 @pytest.fixture(scope="module")
 def rollout(tiny_qwen_checkpoint, tiny_tokenizer_dir, bm25_retrieval_server):
     _, model = load_hf_checkpoint(tiny_qwen_checkpoint(vocab_size=VOCAB))
@@ -34,12 +53,13 @@ def rollout(tiny_qwen_checkpoint, tiny_tokenizer_dir, bm25_retrieval_server):
     with RetrievalClient(bm25_retrieval_server.address) as client:
         agent = SearchAgent(engine, tokenizer, client_retriever(client, top_k=2), CONFIG)
         first = agent.rollout(params, prompts, num_samples=2, seed=3)
-        again = agent.rollout(params, prompts, num_samples=2, seed=3)
-    return model, prompts, first, again
+        with backend_compilations() as compiled:
+            again = agent.rollout(params, prompts, num_samples=2, seed=3)
+    return model, prompts, first, again, compiled
 
 
 def test_sampler_logprobs_of_multi_turn_trajectories_equal_teacher_forced_logprobs(rollout):
-    model, prompts, (trajectories, metrics), _ = rollout
+    model, prompts, (trajectories, metrics), _, _ = rollout
     assert metrics.trajectories == 4 and metrics.tokens_generated == sum(int(t.loss_mask.sum()) for t in trajectories)
     assert all(t.num_turns >= 2 for t in trajectories)  # every one went through at least one append
     width = max(len(t.tokens) for t in trajectories)
@@ -57,7 +77,7 @@ def test_sampler_logprobs_of_multi_turn_trajectories_equal_teacher_forced_logpro
 
 
 def test_trajectories_carry_prompt_turns_and_observations_in_order(rollout):
-    _, prompts, (trajectories, metrics), _ = rollout
+    _, prompts, (trajectories, metrics), _, _ = rollout
     assert [(t.group_id, t.sample_index) for t in trajectories] == [("q0", 0), ("q0", 1), ("q1", 0), ("q1", 1)]
     for trajectory in trajectories:
         prompt = prompts[int(trajectory.group_id[1:])].prompt_tokens
@@ -73,8 +93,14 @@ def test_trajectories_carry_prompt_turns_and_observations_in_order(rollout):
 
 
 def test_rollouts_repeat_exactly_with_the_same_seed(rollout):
-    _, _, (first, _), (again, _) = rollout
+    _, _, (first, _), (again, _), _ = rollout
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a.tokens, b.tokens)
         np.testing.assert_array_equal(a.sampler_logprobs, b.sampler_logprobs)
     assert any(not np.array_equal(first[0].tokens, t.tokens) for t in first[1:])  # samples do differ
+
+
+def test_a_second_rollout_of_the_same_shapes_compiles_nothing(rollout):
+    *_, compiled = rollout
+    # Every program the engine runs (the empty decode state included) is compiled once per engine and reused.
+    assert compiled == []

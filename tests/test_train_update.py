@@ -127,6 +127,32 @@ def test_accumulating_micro_batches_equals_one_big_batch(policy, update):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
 
 
+def test_an_on_policy_update_takes_its_own_log_probs_as_old_with_ratio_one_and_the_same_gradient(policy, update):
+    """The step's only update needs no separate old-policy pass: the params are those that sampled. Old log-probs
+    are the update's own under a stop-gradient (without it the PPO term's gradient would vanish)."""
+    import jax
+
+    _, params = policy
+    _, _, arrays = _update_arrays(update, params, _all_wrong_group_with_near_misses(), tspo_advantages)
+    results = {}
+    for on_policy in (False, True):
+        given = {name: value for name, value in arrays.items() if not (on_policy and name == "old_logp")}
+        params_copy = jax.tree.map(lambda x: x.copy(), params)
+        new_params, _, result = update.update(params_copy, update.init_optimizer(params_copy), given,
+                                              on_policy=on_policy)
+        results[on_policy] = result.metrics, [np.asarray(x) for x in jax.tree.leaves(new_params)]
+    (on_policy, on_policy_params), (given_old, given_old_params) = results[True], results[False]
+    assert on_policy["ratio_min"] == on_policy["ratio_max"] == 1.0
+    assert on_policy["grad_norm"] > 1e-4
+    for name in ("loss", "policy_loss", "grad_norm", "ratio_mean", "clip_fraction"):
+        np.testing.assert_allclose(on_policy[name], given_old[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    for a, b in zip(on_policy_params, given_old_params):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)  # Adam's first step: see the test above
+    without_old = {name: value for name, value in arrays.items() if name != "old_logp"}
+    with pytest.raises(KeyError, match=r"needs \['old_logp'\].*only with on_policy=True"):
+        update.update(params, None, without_old)
+
+
 def test_a_non_finite_update_changes_nothing_and_reports_it(policy, update):
     import jax
 

@@ -37,6 +37,7 @@ GROUPS_NONZERO_ADVANTAGE = "groups/nonzero_advantage"
 TURNS = "rollout/turns_per_trajectory"
 SEARCHES = "rollout/searches_per_trajectory"
 SEARCH_FAILURES = "rollout/failed_searches"
+EMBED_FAILURES = "rollout/failed_embeds"  # GTPO shaping's queries the service did not embed
 VALID_ACTION_RATE = "rollout/valid_action_rate"
 RESPONSE_LENGTH = "rollout/response_length_mean"
 RESPONSE_LENGTH_MAX = "rollout/response_length_max"

@@ -186,14 +186,6 @@ def create_sharded_model(make_model: Callable[[], nnx.Module], mesh: Mesh, rules
     return nnx.merge(graphdef, state)
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> nnx.Module:
-    """Move an existing model's parameters onto their shardings in place (for small or already-loaded models)."""
-    state = nnx.state(model)
-    shardings = state_shardings(state, mesh, rules)
-    nnx.update(model, jax.device_put(state, shardings))
-    return model
-
-
 # --- activation constraints -----------------------------------------------------------------------------------
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, dict[str, MeshAxes]] | None] = contextvars.ContextVar(

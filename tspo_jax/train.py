@@ -85,14 +85,15 @@ class Trainer:
         with timer.phase("scoring"):
             scores = score_trajectories([t.turn_texts for t in trajectories], [t.observations for t in trajectories],
                                         [t.golds for t in trajectories], config=exp.scoring)
-            shaping = s.gtpo_shaping(trajectories, scores)
+            shaping, failed_embeds = s.gtpo_shaping(trajectories, scores)
         # Every process packs to the same length: the jitted log-probs and update take one global array.
         longest = max(len(t.tokens) for t in trajectories)
         length = multihost.max_over_processes(
             bucketed_length(longest, minimum=exp.update.min_sequence_length, maximum=s.max_context))
         batch = pack_trajectories(trajectories, pad_id=s.pad_id, min_length=length, max_length=s.max_context)
-        with timer.phase("logprobs"):
-            old_logp = s.update.log_probs(s.params, batch.tokens, batch.positions, batch.attention_mask)
+        with timer.phase("logprobs"):  # the old policy's only where an earlier update of the step changes it
+            old_logp = (s.update.log_probs(s.params, batch.tokens, batch.positions, batch.attention_mask)
+                        if exp.update.old_policy_pass else None)
             ref_logp = (s.update.log_probs(s.reference_params, batch.tokens, batch.positions, batch.attention_mask)
                         if s.update.uses_reference else None)
         groups, samples = len(examples), exp.samples_per_prompt
@@ -111,10 +112,14 @@ class Trainer:
             update = s.train_on(batch.replace(advantages=advantages.token), old_logp, ref_logp, order_seed)
         s.engine_params = s.sampler_params(s.engine)  # one process: the same arrays, no copy
         tokens = float(batch.attention_mask.sum())
-        throughput = {"throughput/update_tokens_per_s": tokens * exp.update.epochs / timer.seconds["update"],
-                      "throughput/logprob_tokens_per_s": tokens * (1 + s.update.uses_reference) / timer.seconds["logprobs"]}
+        throughput = {"throughput/update_tokens_per_s": tokens * exp.update.epochs / timer.seconds["update"]}
+        passes = exp.update.old_policy_pass + s.update.uses_reference
+        if passes:
+            throughput["throughput/logprob_tokens_per_s"] = tokens * passes / timer.seconds["logprobs"]
         local = {**step_metrics(trajectories, scores, advantages.stats, rollout), **update, **timer.metrics(),
                  **throughput}
+        if shaping is not None:
+            local[names.EMBED_FAILURES] = float(failed_embeds)
         return multihost.combine_step_metrics(multihost.gather_json(local))  # this process's rows -> the step's
 
     # ------------------------------------------------------------------------------------------------------

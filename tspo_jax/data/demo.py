@@ -259,6 +259,14 @@ def make_demo_data(*, seed: int = 0, train: WorldConfig = WorldConfig(),
     return DemoData(corpus=corpus, train=train_rows, test=test_rows, worlds=(train_world, test_world))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Shown:
+    """A document as an observation shows it (title, text)."""
+
+    title: str
+    text: str
+
+
 def vocabulary_texts() -> list[str]:
     """Every word any demo world, question, demonstration or agent text can contain (for the demo tokenizer)."""
     from tspo_jax.data import demonstrations
@@ -269,10 +277,10 @@ def vocabulary_texts() -> list[str]:
     world = draw_world(random.Random(0), WorldConfig(towns=8, people=8, rivers=4), people=NAME_POOLS["person"],
                        towns=NAME_POOLS["town"], rivers=NAME_POOLS["river"])
     sentences = [f'"{title}"\n{text}' for title, text in world.documents()]
-    sentences += [f"Doc 1(Title: {title}) {text}" for title, text in world.documents()]
+    sentences += [prompts.format_documents([_Shown(title, text)]) for title, text in world.documents()]
     sentences += [question_text(h, "Kalmor") for h in (1, 2, 3)]
     sentences += [INSTRUCTION, prompts.PROMPT_TEMPLATE, prompts.INVALID_ACTION_TEXT, prompts.SEARCH_FAILED_TEXT,
-                  prompts.FINAL_TURN_TEXT, prompts.OBSERVATION_OPEN + "Doc 1(Title: x) y\nDoc 2(Title: x) y"
+                  prompts.FINAL_TURN_TEXT, prompts.OBSERVATION_OPEN + prompts.format_documents([_Shown("x", "y")] * 2)
                   + prompts.OBSERVATION_CLOSE, "<think> </think>\n<search> </search>\n<answer> </answer>",
                   "<|im_start|>user\n", "<|im_start|>assistant\n", "Question: Which river"]
     sentences += [turn["text"] for d in demonstrations.draw_demonstrations(

@@ -20,7 +20,6 @@ import pathlib
 import struct
 import sys
 import time
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -435,13 +434,3 @@ def _hf_tensor_sources(layouts) -> dict[str, tuple[tuple, int | None, Layout]]:
     """HF tensor name -> (our parameter path, layer index within a stacked parameter or None, its Layout)."""
     return {tensor.hf_name: (path, layer, tensor)
             for path, layout in layouts.items() for layer, tensor in hf_tensors(layout)}
-
-
-def iter_hf_tensors(model: Qwen2ForCausalLM, cfg: Qwen2Config) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, host array in HF layout) for every parameter, one at a time (for callers that stream elsewhere)."""
-    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    tensors = _hf_tensor_sources(param_layouts(cfg))
-    for name in sorted(tensors, key=_hf_sort_key):
-        path, layer, tensor = tensors[name]
-        value = flat[path].get_value()
-        yield name, tensor.to_hf(_to_host(value if layer is None else value[layer]))

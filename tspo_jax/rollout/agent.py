@@ -6,7 +6,7 @@ observation is tokenized and appended to the slot's cache (never re-prefilling t
 
 Turn rules:
   * `</answer>` ends the trajectory ("answer").
-  * `</search>` with a query: search, append `\\n\\n<information>Doc 1(Title: t) text\\n...</information>\\n\\n`.
+  * `</search>` with a query: search, append `\\n\\n<information>Doc 1(Title: "t") text\\n...</information>\\n\\n`.
   * anything else (no tag, empty query, EOS or budget): append the fixed correction text, go on.
   * After `max_turns` turns (searches or not) one final turn runs with searching disabled: its observation
     says so, and a `</search>` in it searches nothing. The trajectory then ends ("answer" or "max_turns"),

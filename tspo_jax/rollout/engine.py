@@ -23,7 +23,7 @@ tests/test_engine.py checks that this never touches real rows.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +149,7 @@ class Engine:
         self._num_stop_states = stop_table.num_states if stop_table is not None else 1
 
         self._cast = None
+        self._empty_state_jits: dict[int, Callable[[], DecodeState]] = {}  # slots -> compiled once, reused
         self._extend_jit = jax.jit(self._extend, donate_argnums=(1,))
         self._generate_jit = jax.jit(self._generate, donate_argnums=(1,), static_argnums=(2,))
         self._insert_jit = jax.jit(self._insert, donate_argnums=(1,))
@@ -228,16 +229,18 @@ class Engine:
             turn_lengths=vector, budgets=vector, active=vector)
 
     def _empty_state(self, num_slots: int) -> DecodeState:
-        shardings = self._state_shardings(num_slots)
+        # One jitted builder per slot count: a fresh jax.jit per call would trace and compile on every rollout
+        # (and every fresh prefill) again.
+        if num_slots not in self._empty_state_jits:
+            def build():
+                cache = KVCache.init(self.cfg, batch=num_slots, max_len=self._max_cache_len, dtype=self._cache_dtype)
+                zeros = jnp.zeros((num_slots,), jnp.int32)
+                return DecodeState(cache=cache, lengths=zeros, tokens=zeros,
+                                   keys=jnp.zeros((num_slots, 2), jnp.uint32), stop_states=zeros,
+                                   turn_lengths=zeros, budgets=zeros, active=jnp.zeros((num_slots,), bool))
 
-        def build():
-            cache = KVCache.init(self.cfg, batch=num_slots, max_len=self._max_cache_len, dtype=self._cache_dtype)
-            zeros = jnp.zeros((num_slots,), jnp.int32)
-            return DecodeState(cache=cache, lengths=zeros, tokens=zeros, keys=jnp.zeros((num_slots, 2), jnp.uint32),
-                               stop_states=zeros, turn_lengths=zeros, budgets=zeros,
-                               active=jnp.zeros((num_slots,), bool))
-
-        return jax.jit(build, out_shardings=shardings)()
+            self._empty_state_jits[num_slots] = jax.jit(build, out_shardings=self._state_shardings(num_slots))
+        return self._empty_state_jits[num_slots]()
 
     def abstract_decode_state(self) -> DecodeState:
         """init_decode_state()'s shapes, dtypes and shardings (traced, never run: no device is touched)."""

@@ -50,5 +50,9 @@ def build_prompt_messages(question: str, template: str = PROMPT_TEMPLATE) -> lis
 
 
 def format_documents(documents: Sequence[Document]) -> str:
-    """`Doc 1(Title: t) text\\nDoc 2(Title: t) text` — the body of an observation (SPEC §2)."""
-    return "\n".join(f"Doc {rank}(Title: {doc.title}) {doc.text}" for rank, doc in enumerate(documents, start=1))
+    """`Doc 1(Title: "t") text\\nDoc 2(Title: "t") text` — the body of an observation (SPEC §2).
+
+    Search-R1's own text: it shows the first line of each hit's wiki-18 `contents` (`"Title"`, quotes included) as
+    the title, which is also what Search-R1 tools read from our HTTP API; a policy trained there sees the same words
+    here."""
+    return "\n".join(f'Doc {rank}(Title: "{doc.title}") {doc.text}' for rank, doc in enumerate(documents, start=1))

@@ -172,6 +172,13 @@ class UpdateSpec:
         if self.micro_batch_size is not None:
             _positive("UpdateSpec", micro_batch_size=self.micro_batch_size)
 
+    @property
+    def old_policy_pass(self) -> bool:
+        """Whether a step computes the old policy's log-probs in a forward pass of their own. Only the first
+        update of a step runs on the params that sampled; with one update per step (one mini-batch, one epoch)
+        the update's own log-probs are the old ones (ratio exactly 1) and the pass would be pure cost."""
+        return self.mini_batches * self.epochs > 1
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshSpec:

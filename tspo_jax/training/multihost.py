@@ -22,7 +22,8 @@ from tspo_jax import sharding
 
 # Step metrics that are totals over the step's trajectories (summed over processes); the rest are per-trajectory
 # means over equally many trajectories per process (averaged), maxima, minima or timings (the slowest process).
-_SUMMED = ("rollout/trajectories", "rollout/failed_searches", "rollout/tokens_generated", "rollout/retrieval_calls")
+_SUMMED = ("rollout/trajectories", "rollout/failed_searches", "rollout/failed_embeds", "rollout/tokens_generated",
+           "rollout/retrieval_calls")
 _ZERO_WHEN_ABSENT = ("rollout/stop_",)  # a stop reason no trajectory of a process had
 
 

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from retrieval_service.client import RetrievalError
 from tspo_jax import metrics as names
 from tspo_jax import run_files
 from tspo_jax.checkpoint import CheckpointError, RunCheckpoints
@@ -259,31 +260,43 @@ class TrainingSession:
         draw = lambda k: int(jax.random.randint(k, (), 0, np.iinfo(np.int32).max))  # noqa: E731
         return draw(rollout_key), draw(order_key)
 
-    def gtpo_shaping(self, trajectories, scores) -> np.ndarray | None:
-        """GTPO's query-similarity shaping (AlgorithmSpec.gtpo_shaping_beta > 0), embedding with the service."""
+    def gtpo_shaping(self, trajectories, scores) -> tuple[np.ndarray | None, int]:
+        """GTPO's query-similarity shaping f32[G, N] (AlgorithmSpec.gtpo_shaping_beta > 0; else None), embedding
+        the queries with the service, and how many queries it failed to embed. Retrieval is never fatal: when
+        Embed fails (a dead or hung service) the step goes on with zero shaping, logged and counted."""
         beta = self.exp.algorithm.gtpo_shaping_beta
         if not beta:
-            return None
+            return None, 0
+        samples = self.exp.samples_per_prompt
+        no_shaping = np.zeros((len(trajectories) // samples, samples), np.float32)
         queries = [[q for q in t.queries if q] for t in trajectories]
         flat = [q for qs in queries for q in qs]
         if not flat:
-            return np.zeros((len(trajectories) // self.exp.samples_per_prompt, self.exp.samples_per_prompt), np.float32)
-        vectors = self.retrieval.embed(flat)
+            return no_shaping, 0
+        try:
+            vectors = self.retrieval.embed(flat)
+        except RetrievalError as error:
+            log.warning("GTPO shaping is 0 this step: embedding %d queries failed: %s", len(flat), error)
+            return no_shaping, len(flat)
         embeddings, start = [], 0
         for qs in queries:
             embeddings.append(vectors[start:start + len(qs)])
             start += len(qs)
-        samples = self.exp.samples_per_prompt
         correct = scores.correct.reshape(-1, samples)
-        return query_similarity_shaping(embeddings, correct, beta=beta)
+        return query_similarity_shaping(embeddings, correct, beta=beta), 0
 
     # ----- update ----------------------------------------------------------------------------------------------
-    def train_on(self, batch, old_logp: np.ndarray, ref_logp: np.ndarray | None, order_seed: int) -> dict:
-        """Mini-batch updates over the step's trajectories (`epochs` passes in a seeded order)."""
+    def train_on(self, batch, old_logp: np.ndarray | None, ref_logp: np.ndarray | None, order_seed: int) -> dict:
+        """Mini-batch updates over the step's trajectories (`epochs` passes in a seeded order). old_logp None:
+        the step's one update takes its own log-probs as the old ones (UpdateSpec.old_policy_pass is False)."""
         exp = self.exp
+        on_policy = old_logp is None
+        if on_policy and exp.update.old_policy_pass:
+            raise ValueError("train_on: old_logp is needed when a step makes several updates")
         arrays = batch.device_arrays()
         arrays["loss_mask"] = arrays["loss_mask"].astype(np.int32)
-        arrays["old_logp"] = old_logp
+        if not on_policy:
+            arrays["old_logp"] = old_logp
         if ref_logp is not None:
             arrays["ref_logp"] = ref_logp
         rows = batch.shape[0]
@@ -295,7 +308,8 @@ class TrainingSession:
             for m in range(exp.update.mini_batches):
                 index = np.sort(order[m * mini:(m + 1) * mini])
                 part = {name: value[index] for name, value in arrays.items()}
-                self.params, self.opt_state, result = self.update.update(self.params, self.opt_state, part)
+                self.params, self.opt_state, result = self.update.update(self.params, self.opt_state, part,
+                                                                         on_policy=on_policy)
                 if result.applied:
                     applied.append(result.metrics)
                 else:

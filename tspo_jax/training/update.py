@@ -22,7 +22,7 @@ from tspo_jax import sharding
 from tspo_jax.algorithms.loss import LossConfig, policy_loss
 from tspo_jax.models.logprobs import token_log_probs
 
-# Inputs of one mini-batch update, each [M micro-batches, micro, T].
+# Inputs of one mini-batch update, each [M micro-batches, micro, T] (old_logp not with on_policy=True).
 UPDATE_FIELDS = ("tokens", "positions", "attention_mask", "loss_mask", "advantages", "old_logp")
 # Metrics that add up over micro-batches (the loss is given global token / sequence counts).
 _ADDITIVE = ("policy_loss", "kl", "entropy", "clip_fraction", "dual_clip_fraction", "ppo_kl", "ratio_mean")
@@ -76,15 +76,17 @@ class PolicyUpdate:
         self.opt_shardings = _moment_shardings(abstract_opt, params, self.param_shardings, replicated)
         self._init_opt = jax.jit(optimizer.init, in_shardings=(self.param_shardings,), out_shardings=self.opt_shardings)
 
-        fields = self.fields
         self._log_probs = sharding.sharded_jit(
             self._log_probs_fn, mesh, rules,
             in_shardings=(self.param_shardings, rows, rows, rows), out_shardings=(rows, rows))
-        self._update = sharding.sharded_jit(
-            self._update_fn, mesh, rules,
-            in_shardings=(self.param_shardings, self.opt_shardings, {f: stacked for f in fields}),
-            out_shardings=(self.param_shardings, self.opt_shardings, replicated),
-            donate_argnums=(0, 1))
+        self._update = {
+            on_policy: sharding.sharded_jit(
+                self._update_fn, mesh, rules,
+                in_shardings=(self.param_shardings, self.opt_shardings,
+                              {f: stacked for f in self.update_fields(on_policy)}),
+                out_shardings=(self.param_shardings, self.opt_shardings, replicated),
+                donate_argnums=(0, 1))
+            for on_policy in (False, True)}  # each compiles on first use only
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -107,14 +109,14 @@ class PolicyUpdate:
         mask = jax.ShapeDtypeStruct((rows, length), jnp.bool_, sharding=self.row_sharding)
         return self._log_probs.lower(params, token, token, mask)
 
-    def lower_update(self, params: nnx.State, micro_batches: int, rows: int, length: int) -> jax.stages.Lowered:
+    def lower_update(self, params: nnx.State, micro_batches: int, rows: int, length: int, *,
+                     on_policy: bool = False) -> jax.stages.Lowered:
         """One mini-batch update of `micro_batches` micro-batches, each `rows` global rows of `length` tokens."""
         dtypes = {"tokens": jnp.int32, "positions": jnp.int32, "attention_mask": jnp.bool_, "loss_mask": jnp.int32,
                   "advantages": jnp.float32, "old_logp": jnp.float32, "ref_logp": jnp.float32}
-        fields = UPDATE_FIELDS + (("ref_logp",) if self.uses_reference else ())
         minibatch = {f: jax.ShapeDtypeStruct((micro_batches, rows, length), dtypes[f], sharding=self.stacked_sharding)
-                     for f in fields}
-        return self._update.lower(params, self.abstract_optimizer_state(params), minibatch)
+                     for f in self.update_fields(on_policy)}
+        return self._update[on_policy].lower(params, self.abstract_optimizer_state(params), minibatch)
 
     # ----- log-probs ---------------------------------------------------------------------------------------
     def _log_probs_fn(self, params, tokens, positions, attention_mask):
@@ -142,12 +144,19 @@ class PolicyUpdate:
         return np.asarray(multihost_utils.global_array_to_host_local_array(array, sharding.mesh, sharding.spec))
 
     # ----- update ------------------------------------------------------------------------------------------
+    def update_fields(self, on_policy: bool) -> tuple[str, ...]:
+        """`fields`, less old_logp for an on-policy update (which takes its own log-probs as the old ones)."""
+        return tuple(f for f in self.fields if not (on_policy and f == "old_logp"))
+
     def _micro_loss(self, params, micro, num_tokens, num_sequences):
         model = nnx.merge(self.graphdef, params)
         logp, entropy = token_log_probs(model, micro["tokens"], micro["positions"], micro["attention_mask"],
                                         chunk_size=self.logprob_chunk_size)
+        # on_policy: the params are those that sampled, so the old log-probs are these very numbers (ratio
+        # exactly 1); the stop-gradient keeps the ratio's gradient that of exp(logp - old_logp).
+        old_logp = micro["old_logp"] if "old_logp" in micro else jax.lax.stop_gradient(logp)
         return policy_loss(
-            logp, micro["old_logp"], micro.get("ref_logp"), micro["advantages"], micro["loss_mask"], entropy,
+            logp, old_logp, micro.get("ref_logp"), micro["advantages"], micro["loss_mask"], entropy,
             config=self.loss_config, num_global_tokens=num_tokens, num_global_sequences=num_sequences)
 
     def _update_fn(self, params, opt_state, minibatch):
@@ -190,22 +199,29 @@ class PolicyUpdate:
                        applied=applied.astype(jnp.float32), tokens=num_tokens)
         return params, opt_state, metrics
 
-    def stack_micro_batches(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def stack_micro_batches(self, arrays: Mapping[str, np.ndarray], *, on_policy: bool = False
+                            ) -> dict[str, np.ndarray]:
         """[rows, T] -> [rows / micro, micro, T] for every field the update reads."""
-        fields = self.fields
+        fields = self.update_fields(on_policy)
+        missing = [f for f in fields if f not in arrays]
+        if missing:
+            raise KeyError(f"the update needs {missing}" + (" (old_logp may be left out only with on_policy=True)"
+                                                            if "old_logp" in missing else ""))
         rows = arrays["tokens"].shape[0]
         if rows % self.micro_batch_size:
             raise ValueError(f"a mini-batch of {rows} rows is not a multiple of micro_batch_size={self.micro_batch_size}")
         return {f: np.asarray(arrays[f]).reshape(rows // self.micro_batch_size, self.micro_batch_size, -1)
                 for f in fields}
 
-    def update(self, params, opt_state, arrays: Mapping[str, np.ndarray]):
+    def update(self, params, opt_state, arrays: Mapping[str, np.ndarray], *, on_policy: bool = False):
         """One optimizer update from a mini-batch of [rows, T] arrays; params and opt_state are donated.
 
+        on_policy: `params` are the very params that sampled the rows (the step's only update), so no old_logp
+        is needed: the old log-probs are the update's own, under a stop-gradient, and the ratio is exactly 1.
         Returns (params, opt_state, UpdateResult)."""
         minibatch = {name: self._global(value, self.stacked_sharding)
-                     for name, value in self.stack_micro_batches(arrays).items()}
-        params, opt_state, metrics = self._update(params, opt_state, minibatch)
+                     for name, value in self.stack_micro_batches(arrays, on_policy=on_policy).items()}
+        params, opt_state, metrics = self._update[on_policy](params, opt_state, minibatch)
         metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
         return params, opt_state, UpdateResult(metrics=metrics, applied=bool(metrics.pop("applied")))
 
