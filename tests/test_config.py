@@ -107,7 +107,7 @@ def test_an_unquoted_string_gets_a_hint_about_gin_quoting():
 
 
 def test_values_that_do_not_fit_together_are_refused_naming_the_binding():
-    with pytest.raises(GinConfigError, match=r"UpdateSpec\.mini_batches=3 does not divide the 32 trajectories"):
+    with pytest.raises(GinConfigError, match=r"UpdateSpec\.mini_batches=3 does not divide the 40 trajectories"):
         _experiment(f"--gin_file={TINY}", "--gin.UpdateSpec.mini_batches=3")
     with pytest.raises(GinConfigError, match=r"DataSpec\.train_files is empty"):
         _experiment(f"--gin_file={TINY}", "--gin.DataSpec.demo=False")
@@ -118,7 +118,7 @@ def test_the_config_and_operative_config_are_written_for_the_record(tmp_path):
     full = gin_config.write_config(tmp_path)
     operative = gin_config.write_config(tmp_path, operative=True)
     assert "train.num_steps = 3" in full.read_text()
-    assert "AgentConfig.max_turns = 2" in operative.read_text()
+    assert "AgentConfig.max_turns = 3" in operative.read_text()
 
 
 def test_the_cli_refuses_a_bad_binding_before_doing_any_work(tmp_path):

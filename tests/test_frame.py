@@ -8,10 +8,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _pins(name):
+    """`name`'s exact pins, following its `-r FILE` includes (whose own lines must be pinned too)."""
     pins = {}
     for line in (ROOT / name).read_text().splitlines():
         line = line.split("#")[0].strip()
-        if line:
+        if line.startswith("-r "):
+            pins.update(_pins(line[3:].strip()))
+        elif line:
             match = re.fullmatch(r"([A-Za-z0-9_.\-]+)(\[[^\]]+\])?==([^\s;]+)", line)
             assert match, f"{name}: requirement {line!r} is not pinned exactly (name==version)"
             pins[match.group(1)] = match.group(3)
