@@ -89,3 +89,29 @@ def test_expert_demonstrations_answer_right_and_mistakes_mostly_wrong():
     expert = next(r for r in records if r["kind"] == "expert" and r["hops"] == 3)
     observations = [" ".join(d["text"] for d in t.get("documents", [])) or None for t in expert["turns"]]
     assert first_occurrence_turn(observations, expert["golds"]) == len(expert["turns"]) - 2
+
+
+def test_the_ideal_query_recall_is_the_share_of_chains_bm25_ranks_in_the_top_k():
+    data = demo.make_demo_data(seed=0, train=demo.WorldConfig(namesake_share=1.0),
+                               test=demo.WorldConfig(towns=30, people=50, namesake_share=1.0))
+    at_1, at_3 = demonstrations.ideal_query_recall(data, 1), demonstrations.ideal_query_recall(data, 3)
+    assert set(at_1) == {f"{split}/demo_{h}hop" for split in ("train", "test") for h in (1, 2, 3)}
+    assert all(at_1[key] <= at_3[key] for key in at_1)
+    # The peer: bm25s over the same corpus text, every chain entity searched by name.
+    tokenizer = Tokenizer(stopwords=STOPWORDS)
+    ids = tokenizer.tokenize([c["contents"] for c in data.corpus], update_vocab=True, return_as="ids",
+                             show_progress=False)
+    peer = bm25s.BM25()
+    peer.index(ids, show_progress=False)
+    titles = [c["contents"].split("\n", 1)[0].strip('"') for c in data.corpus]
+
+    def top(entity, k):
+        query = tokenizer.tokenize([entity], update_vocab=False, return_as="ids", show_progress=False)
+        rows, _ = peer.retrieve(query, k=k, show_progress=False)
+        return {titles[i] for i in rows[0].tolist()}
+
+    for k, recall in ((1, at_1), (3, at_3)):
+        rows = [r for r in data.train if r["data_source"] == "demo_2hop"]
+        expected = sum(all(e in top(e, k) for e in r["path"]) for r in rows) / len(rows)
+        assert recall["train/demo_2hop"] == expected
+    assert at_1["train/demo_2hop"] < 1.0  # namesakes: a town's search can rank its namesake person first

@@ -283,10 +283,11 @@ def vocabulary_texts() -> list[str]:
                   prompts.FINAL_TURN_TEXT, prompts.OBSERVATION_OPEN + prompts.format_documents([_Shown("x", "y")] * 2)
                   + prompts.OBSERVATION_CLOSE, "<think> </think>\n<search> </search>\n<answer> </answer>",
                   "<|im_start|>user\n", "<|im_start|>assistant\n", "Question: Which river"]
-    sentences += [turn["text"] for d in demonstrations.draw_demonstrations(
-        20, seed=0, config=demonstrations.DemonstrationConfig(mistakes=(demonstrations.MistakeRates(no_search=0.5),) * 3))
-        for turn in d["turns"]]
-    return sentences + [" " + " ".join(words)]
+    guesses = demonstrations.DemonstrationConfig(mistakes=(demonstrations.MistakeRates(no_search=0.5),) * 3)
+    sentences += [turn["text"] for d in demonstrations.draw_demonstrations(20, seed=0, config=guesses)
+                  for turn in d["turns"]]
+    # Each word with a space before it (inside sentences) and inside quotes (a title: `(Title: "Kalmor")`).
+    return sentences + [" " + " ".join(words), " " + " ".join(f'"{w}"' for w in words)]
 
 
 # ----- files ------------------------------------------------------------------------------------------------------
@@ -336,10 +337,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--format", default="parquet", choices=["parquet", "jsonl"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recall", type=int, metavar="K", help="also print the ideal query's recall@K per source")
     args = parser.parse_args(argv)
     paths = write_demo_data(args.out, fmt=args.format, seed=args.seed)
     for role, path in paths.items():
         print(f"{role}: {path}")
+    if args.recall:
+        from tspo_jax.data.demonstrations import ideal_query_recall
+
+        for source, recall in ideal_query_recall(make_demo_data(seed=args.seed), args.recall).items():
+            print(f"ideal-query recall@{args.recall} {source}: {recall:.3f}")
 
 
 if __name__ == "__main__":

@@ -251,6 +251,21 @@ def draw_demonstrations(count: int, *, seed: int, config: DemonstrationConfig = 
     return out
 
 
+def ideal_query_recall(data: demo.DemoData, k: int) -> dict[str, float]:
+    """The retrieval ceiling of a demo world: per "<split>/<data_source>", the share of questions whose every
+    chain document (the subject's, each bridge entity's, the town's) is in the top `k` (BM25 over the whole
+    corpus, as the service ranks it) when searched by its own name, the expert's query. A reader that searches
+    perfectly can answer at most this share."""
+    documents = [(c["contents"].split("\n", 1)[0].strip('"'), c["contents"].split("\n", 1)[1]) for c in data.corpus]
+    search = WorldSearch(documents)
+    hits: dict[str, list[bool]] = {}
+    for split, rows in (("train", data.train), ("test", data.test)):
+        for row in rows:
+            found = all(entity in [title for title, _ in search.search(entity, k)] for entity in row["path"])
+            hits.setdefault(f"{split}/{row['data_source']}", []).append(found)
+    return {key: sum(found) / len(found) for key, found in sorted(hits.items())}
+
+
 def write_demonstrations(path: str | pathlib.Path, count: int, *, seed: int,
                          config: DemonstrationConfig = DemonstrationConfig()) -> pathlib.Path:
     path = pathlib.Path(path)

@@ -66,10 +66,12 @@ def _mark_complete(directory: pathlib.Path, **facts) -> None:
     (directory / _DONE).write_text(json.dumps(facts, sort_keys=True) + "\n")
 
 
-def demo_data(directory: str | pathlib.Path, *, seed: int = 0, train_world=None, test_world=None
-              ) -> dict[str, pathlib.Path]:
+def demo_data(directory: str | pathlib.Path, *, seed: int = 0, train_world=None, test_world=None,
+              recall_k: int | None = None) -> dict[str, pathlib.Path]:
     """The bundled demo world (corpus.jsonl, train.parquet, test.parquet) in `directory`, drawn with WorldConfigs
-    `train_world` / `test_world` (None = tspo_jax.data.demo's defaults); rewritten when those change."""
+    `train_world` / `test_world` (None = tspo_jax.data.demo's defaults); rewritten when those change. recall_k:
+    also log the world's retrieval ceiling, the ideal query's recall@k per split and source (the retrieval's
+    top_k), and write it to `directory`/recall@k.json."""
     from tspo_jax.data.demo import make_demo_data, write_demo_data
 
     directory = pathlib.Path(directory)
@@ -82,8 +84,17 @@ def demo_data(directory: str | pathlib.Path, *, seed: int = 0, train_world=None,
     done = directory / _DONE
     if not (done.exists() and json.loads(done.read_text()) == facts):
         log.info("writing the demo data to %s", directory)
+        for stale in directory.glob("recall@*.json"):
+            stale.unlink()
         write_demo_data(directory, fmt="parquet", seed=seed, **configs)
         _mark_complete(directory, **facts)
+    if recall_k and not (directory / f"recall@{recall_k}.json").exists():
+        from tspo_jax.data.demonstrations import ideal_query_recall
+
+        recall = ideal_query_recall(make_demo_data(seed=seed, **configs), recall_k)
+        (directory / f"recall@{recall_k}.json").write_text(json.dumps(recall, indent=1) + "\n")
+        log.info("demo world: the ideal query's recall@%d (the retrieval ceiling) %s", recall_k,
+                 ", ".join(f"{source} {value:.3f}" for source, value in recall.items()))
     return paths
 
 

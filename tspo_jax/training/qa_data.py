@@ -24,15 +24,16 @@ class QAData:
         return [source[i] for source in self.train_sources for i in range(len(source))]
 
 
-def open_qa_data(spec, *, local_dir: pathlib.Path, require_train: bool = True, eval_only: bool = False
-                 ) -> QAData:
+def open_qa_data(spec, *, local_dir: pathlib.Path, require_train: bool = True, eval_only: bool = False,
+                 top_k: int | None = None) -> QAData:
     """Opens DataSpec `spec`'s files (writing the demo world first when `spec.demo`), failing with a
     StartupError that names the file. eval_only: leave the training files alone (evaluating a finished run, on
-    a machine that may not have them)."""
+    a machine that may not have them). top_k: the retrieval's, for the demo world's recall@k ceiling."""
     if spec.demo:
         with multihost.process_zero_first("demo data"):
             demo_paths = bootstrap.demo_data(local_dir / "demo_data", seed=spec.demo_seed,
-                                             train_world=spec.demo_train_world, test_world=spec.demo_test_world)
+                                             train_world=spec.demo_train_world, test_world=spec.demo_test_world,
+                                             recall_k=top_k)
         train_files, eval_files = [demo_paths["train"]], [demo_paths["test"]]
     else:
         demo_paths = None

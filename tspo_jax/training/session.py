@@ -130,7 +130,7 @@ class TrainingSession:
     # ----- data ------------------------------------------------------------------------------------------------
     def _open_data(self) -> None:
         exp = self.exp
-        qa = open_qa_data(exp.data, local_dir=self.local_dir)
+        qa = open_qa_data(exp.data, local_dir=self.local_dir, top_k=exp.retrieval.top_k)
         self.demo_paths, self.train_sources, self.eval_sources = qa.demo_paths, qa.train_sources, qa.eval_sources
         self.qa = qa
         try:
