@@ -65,6 +65,13 @@ class RunCheckpoints:
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         self._preempted = threading.Event()
 
+    @classmethod
+    def for_run(cls, spec, run_dir) -> "RunCheckpoints":
+        """A training or SFT run's checkpoints, as its CheckpointSpec `spec` says (RUN_DIR/checkpoints unless
+        spec.directory)."""
+        return cls(spec.directory or run_dir / "checkpoints", save_every=spec.save_every,
+                   max_to_keep=spec.max_to_keep, async_save=spec.async_save)
+
     # ----- saving -----------------------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
         # Not on this process's SIGTERM alone: every process must save the same steps (the loop forces the save

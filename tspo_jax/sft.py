@@ -95,9 +95,7 @@ class SFTTrainer:
         except ValueError as error:
             raise StartupError(f"sft.micro_batch_size / MeshSpec: {error}") from None
         self.nonfinite = NonFiniteGuard(3)
-        self.checkpoints = RunCheckpoints(
-            exp.checkpoints.directory or self.run_dir / "checkpoints", save_every=exp.checkpoints.save_every,
-            max_to_keep=exp.checkpoints.max_to_keep, async_save=exp.checkpoints.async_save)
+        self.checkpoints = RunCheckpoints.for_run(exp.checkpoints, self.run_dir)
         self._stack.callback(self.checkpoints.close)
         self._restore_or_initialize()
         if jax.process_index() == 0:
@@ -253,11 +251,7 @@ def load_experiment(flags: gin_config.GinFlags):
     """Parses and checks every gin file and binding, then builds the SFTExperiment (no work is done)."""
     from tspo_jax import configurables
 
-    gin_config.load(flags)
-    try:
-        return configurables.sft()
-    except (ValueError, TypeError) as error:
-        raise gin_config.GinConfigError(f"bad configuration: {error}") from None
+    return gin_config.build(flags, configurables.sft)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -225,11 +225,7 @@ def load_experiment(flags: gin_config.GinFlags):
     """Parses and checks every gin file and binding, then builds the Experiment (no work is done)."""
     from tspo_jax import configurables  # registers everything gin may bind
 
-    gin_config.load(flags)
-    try:
-        return configurables.train()
-    except (ValueError, TypeError) as error:
-        raise gin_config.GinConfigError(f"bad configuration: {error}") from None
+    return gin_config.build(flags, configurables.train)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

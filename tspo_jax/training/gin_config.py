@@ -116,6 +116,16 @@ def load(flags: GinFlags, defaults: Sequence[Binding] = ()) -> list[pathlib.Path
     return read
 
 
+def build(flags: GinFlags, make) -> object:
+    """Loads `flags` (`load`) and calls `make` (a gin configurable: the experiment), so a value its checks refuse
+    fails as a GinConfigError naming the binding, like a gin error would."""
+    load(flags)
+    try:
+        return make()
+    except (ValueError, TypeError) as error:
+        raise GinConfigError(f"bad configuration: {error}") from None
+
+
 def _resolve(config_file: str) -> pathlib.Path:
     if os.path.isabs(config_file):
         return pathlib.Path(config_file)

@@ -116,9 +116,7 @@ class TrainingSession:
         self.retrieval = connect_retrieval(exp.retrieval, self._stack, local_dir=self.local_dir,
                                            demo_corpus=self.demo_paths and self.demo_paths["corpus"])
         self._load_model()
-        self.checkpoints = RunCheckpoints(
-            exp.checkpoints.directory or self.run_dir / "checkpoints", save_every=exp.checkpoints.save_every,
-            max_to_keep=exp.checkpoints.max_to_keep, async_save=exp.checkpoints.async_save)
+        self.checkpoints = RunCheckpoints.for_run(exp.checkpoints, self.run_dir)
         self._stack.callback(self.checkpoints.close)
         self._restore_or_initialize()
         self._build_agents()
