@@ -81,16 +81,31 @@ def check_writable(path: epath.Path, *, what: str) -> None:
         raise RunFilesError(f"{what} {path} is not writable: {type(error).__name__}: {_first_line(error)}") from None
 
 
-def local_work_dir(run_dir: epath.Path, local_dir: str | None) -> pathlib.Path:
-    """Where files that need a POSIX path go: `local_dir` if given, else RUN_DIR itself when it is local, else
-    ~/.cache/tspo_jax/runs/<bucket>/<path>."""
+def local_work_dir(run_dir: epath.Path, local_dir: str | None, *, what: str = "train.local_dir") -> pathlib.Path:
+    """Where files that need a POSIX path go: `local_dir` (the setting `what`) if given, else RUN_DIR itself when
+    it is local, else ~/.cache/tspo_jax/runs/<bucket>/<path>."""
     if local_dir is not None:
-        require_local(local_dir, what="train.local_dir")
+        require_local(local_dir, what=what)
         return pathlib.Path(local_dir).expanduser().absolute()
     if not is_remote(run_dir):
         return pathlib.Path(os.fspath(run_dir))
     _, _, rest = os.fspath(run_dir).partition("://")
     return (_LOCAL_CACHE / rest.strip("/")).expanduser().absolute()
+
+
+def open_run_dirs(run_dir: str | os.PathLike, local_dir: str | None, *, program: str
+                  ) -> tuple[epath.Path, pathlib.Path]:
+    """A run's RUN_DIR (checked writable) and its local working directory (created), for the `program` whose
+    settings they are (`train`, `sft`): `<program>.run_dir`, `<program>.local_dir`. Fails with a RunFilesError
+    naming the setting and the cause."""
+    path = run_path(run_dir, what=f"RUN_DIR ({program}.run_dir)")
+    local = local_work_dir(path, local_dir, what=f"{program}.local_dir")
+    check_writable(path, what=f"RUN_DIR ({program}.run_dir)")
+    try:
+        local.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunFilesError(f"the local working directory {local} ({program}.local_dir): {error}") from None
+    return path, local
 
 
 def copy_tree(source: os.PathLike, target: os.PathLike, *, skip: Collection[str] = ()) -> int:

@@ -42,7 +42,7 @@ from tspo_jax.training.policy import make_mesh, open_policy, tiny_model_dir
 from tspo_jax.training.qa_data import open_qa_data
 from tspo_jax.training.retrieval import connect_retrieval
 from tspo_jax.training.rollouts import build_agent, engine_slots, rollout_prompts
-from tspo_jax.training.session import NonFiniteGuard
+from tspo_jax.training.session import NonFiniteGuard, exit_on_sigterm
 from tspo_jax.training.sft_data import DemonstrationRenderer, open_demonstrations, sft_batches
 from tspo_jax.training.update import SupervisedUpdate
 
@@ -52,24 +52,17 @@ NLL = "sft/nll"
 ENTROPY = "sft/entropy"
 
 
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 class SFTTrainer:
     """One SFT run: demonstrations, policy, optimizer state, checkpoints, and (optionally) the eval agent."""
 
     def __init__(self, exp):
         self.exp = exp
         try:
-            self.run_dir = run_files.run_path(exp.run_dir, what="RUN_DIR (sft.run_dir)")
-            self.local_dir = run_files.local_work_dir(self.run_dir, exp.local_dir)
-            run_files.check_writable(self.run_dir, what="RUN_DIR (sft.run_dir)")
-            self.local_dir.mkdir(parents=True, exist_ok=True)
+            self.run_dir, self.local_dir = run_files.open_run_dirs(exp.run_dir, exp.local_dir, program="sft")
         except run_files.RunFilesError as error:
             raise StartupError(str(error)) from None
         self._stack = contextlib.ExitStack()
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)  # until the loop can save, SIGTERM just unwinds
+        signal.signal(signal.SIGTERM, exit_on_sigterm)  # until the loop can save, SIGTERM just unwinds
         try:
             self._setup()
         except BaseException:

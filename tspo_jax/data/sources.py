@@ -70,6 +70,37 @@ def _require_file(path: pathlib.Path, kind: str) -> None:
         raise QADataError(f"{kind} file not found: {path}")
 
 
+class JsonlLines:
+    """The non-blank lines of a JSONL file by index, for random access: where each starts and its line number
+    (for error messages). `check(raw, line_number, index)` sees every line while the file is indexed, so a bad
+    line fails before any training starts."""
+
+    def __init__(self, path: pathlib.Path, check):
+        self.path = path
+        offsets, line_numbers = [], []
+        with open(path, "rb") as f:
+            offset = 0
+            for line_number, raw in enumerate(f, start=1):
+                if raw.strip():
+                    check(raw, line_number, len(offsets))
+                    offsets.append(offset)
+                    line_numbers.append(line_number)
+                offset += len(raw)
+        self._offsets = np.asarray(offsets, np.int64)
+        self._line_numbers = np.asarray(line_numbers, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def line_number(self, index: int) -> int:
+        return int(self._line_numbers[int(index)])
+
+    def read(self, index: int) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(int(self._offsets[int(index)]))
+            return f.readline()
+
+
 class JsonlQASource:
     """Lines of `{"question": str, "golden_answers": [str, ...], "id"?: str|int, "data_source"?: str}`.
 
@@ -81,19 +112,9 @@ class JsonlQASource:
         self.path = pathlib.Path(path)
         self.name = name or default_source_name(self.path)
         _require_file(self.path, "JSONL data")
-        offsets, line_numbers = [], []
-        with open(self.path, "rb") as f:
-            offset = 0
-            for line_number, raw in enumerate(f, start=1):
-                if raw.strip():
-                    self._parse(raw, line_number)  # validate now, fail before training starts
-                    offsets.append(offset)
-                    line_numbers.append(line_number)
-                offset += len(raw)
-        if not offsets:
+        self._lines = JsonlLines(self.path, lambda raw, line_number, _: self._parse(raw, line_number))
+        if not len(self._lines):
             raise QADataError(f"{self.path}: no examples in file")
-        self._offsets = np.asarray(offsets, np.int64)
-        self._line_numbers = np.asarray(line_numbers, np.int64)
 
     def _parse(self, raw: bytes, line_number: int) -> dict:
         where = f"{self.path}, line {line_number}"
@@ -115,13 +136,11 @@ class JsonlQASource:
         return {"question": question, "golds": golds, "data_source": data_source, "id": row.get("id")}
 
     def __len__(self) -> int:
-        return len(self._offsets)
+        return len(self._lines)
 
     def __getitem__(self, index: int) -> QAExample:
         index = int(index)
-        with open(self.path, "rb") as f:
-            f.seek(int(self._offsets[index]))
-            row = self._parse(f.readline(), int(self._line_numbers[index]))
+        row = self._parse(self._lines.read(index), self._lines.line_number(index))
         source_id = str(row["id"]) if row["id"] is not None else str(index)
         return QAExample(
             uid=f"{self.name}:{index}",

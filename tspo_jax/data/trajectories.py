@@ -20,8 +20,7 @@ import dataclasses
 import json
 import pathlib
 
-import numpy as np
-
+from tspo_jax.data.sources import JsonlLines
 from tspo_jax.rollout.render import DemonstratedTurn
 
 
@@ -113,19 +112,9 @@ class JsonlTrajectorySource:
         if not self.path.is_file():
             raise TrajectoryDataError(f"demonstration file not found: {self.path}")
         self.name = self.path.stem
-        offsets, line_numbers = [], []
-        with open(self.path, "rb") as f:
-            offset = 0
-            for line_number, raw in enumerate(f, start=1):
-                if raw.strip():
-                    self._parse(raw, line_number, len(offsets))  # validate now: fail before training starts
-                    offsets.append(offset)
-                    line_numbers.append(line_number)
-                offset += len(raw)
-        if not offsets:
+        self._lines = JsonlLines(self.path, self._parse)
+        if not len(self._lines):
             raise TrajectoryDataError(f"{self.path}: no demonstrations in file")
-        self._offsets = np.asarray(offsets, np.int64)
-        self._line_numbers = np.asarray(line_numbers, np.int64)
 
     def _parse(self, raw: bytes, line_number: int, index: int) -> Demonstration:
         where = f"{self.path}, line {line_number}"
@@ -136,16 +125,14 @@ class JsonlTrajectorySource:
         return parse_demonstration(row, uid=f"{self.name}:{index}", where=where, default_source=self.name)
 
     def where(self, index: int) -> str:
-        return f"{self.path}, line {int(self._line_numbers[int(index)])}"
+        return f"{self.path}, line {self._lines.line_number(index)}"
 
     def __len__(self) -> int:
-        return len(self._offsets)
+        return len(self._lines)
 
     def __getitem__(self, index: int) -> Demonstration:
         index = int(index)
-        with open(self.path, "rb") as f:
-            f.seek(int(self._offsets[index]))
-            return self._parse(f.readline(), int(self._line_numbers[index]), index)
+        return self._parse(self._lines.read(index), self._lines.line_number(index), index)
 
     def __repr__(self) -> str:
         return f"JsonlTrajectorySource({str(self.path)!r}, rows={len(self)})"

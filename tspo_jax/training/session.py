@@ -56,7 +56,8 @@ _UPDATE_NAMES = {
 }
 
 
-def _exit_on_sigterm(signum, frame):
+def exit_on_sigterm(signum, frame):
+    """Until a run's loop can save a checkpoint, SIGTERM just unwinds (closing what set-up opened)."""
     raise SystemExit(128 + signum)
 
 
@@ -83,14 +84,13 @@ class TrainingSession:
     def __init__(self, exp):
         self.exp = exp
         try:
-            self.run_dir = run_files.run_path(exp.run_dir, what="RUN_DIR (train.run_dir)")
-            self.local_dir = run_files.local_work_dir(self.run_dir, exp.local_dir)
+            self.run_dir, self.local_dir = run_files.open_run_dirs(exp.run_dir, exp.local_dir, program="train")
         except run_files.RunFilesError as error:
             raise StartupError(str(error)) from None
         self._stack = contextlib.ExitStack()
         self.nonfinite = NonFiniteGuard(exp.update.max_nonfinite_in_a_row)
         # Until the loop can save a checkpoint, SIGTERM just unwinds (stopping a retrieval service we started).
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(signal.SIGTERM, exit_on_sigterm)
         try:
             self._setup()
         except BaseException:
@@ -99,13 +99,6 @@ class TrainingSession:
 
     def _setup(self) -> None:
         exp = self.exp
-        try:
-            run_files.check_writable(self.run_dir, what="RUN_DIR (train.run_dir)")
-            self.local_dir.mkdir(parents=True, exist_ok=True)
-        except run_files.RunFilesError as error:
-            raise StartupError(str(error)) from None
-        except OSError as error:
-            raise StartupError(f"the local working directory {self.local_dir} (train.local_dir): {error}") from None
         if run_files.is_remote(self.run_dir):
             log.info("RUN_DIR is %s: checkpoints, metrics, TensorBoard events and configs go there; files that "
                      "need a local path (demo data and index, tiny model build, retrieval log) go to %s",
