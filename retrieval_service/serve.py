@@ -117,6 +117,9 @@ def main(argv=None) -> int:
            f"kernel {searcher.kernel}, encoder {searcher.encoder_name or '-'}"
            + (f" ({searcher.encoder.runtime_description})" if searcher.encoder else "")
            + f", max_batch {args.max_batch}")
+    stopping = threading.Event()  # handlers in place before anyone is told we are ready, so a prompt stop drains
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
     if args.ready_file:
         ready = pathlib.Path(args.ready_file)
         tmp = ready.with_name(ready.name + ".tmp")
@@ -124,10 +127,10 @@ def main(argv=None) -> int:
                                    "pid": os.getpid()}))
         tmp.replace(ready)  # atomic: the launcher never reads half a file
 
-    stopping = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.set())
-    stopping.wait()
+    # Polled, not a bare wait(): CPython runs signal handlers in the main thread only, and a SIGTERM the kernel
+    # hands to one of gRPC's or XLA's threads would never wake a main thread blocked on the event's lock.
+    while not stopping.wait(timeout=0.5):
+        pass
     _log("[serve] stopping")
     if http_server:
         http_server.stop()

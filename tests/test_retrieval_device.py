@@ -59,19 +59,21 @@ def test_the_service_process_is_started_with_jax_on_the_cpu_and_device_opts_out(
 
 def test_serve_by_hand_pins_the_cpu_itself(parent_wants_tpu, dense_flat_index, tmp_path):
     """What launch/tpu_vm.py and launch/local.py run: `python -m retrieval_service.serve` without --device."""
-    ready = tmp_path / "ready.json"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "retrieval_service.serve", "--index", str(dense_flat_index), "--port", "0",
-         "--encoder-runtime", "jax", "--ready-file", str(ready)], cwd=ROOT, env=os.environ.copy(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True)
+    ready, log_path = tmp_path / "ready.json", tmp_path / "serve.log"
+    # The server's log goes to a file, as RetrievalServer sends it (a pipe nobody reads can fill and block it), and
+    # says at the end whether SIGTERM stopped it gracefully.
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "retrieval_service.serve", "--index", str(dense_flat_index), "--port", "0",
+             "--encoder-runtime", "jax", "--ready-file", str(ready)], cwd=ROOT, env=os.environ.copy(),
+            stdout=subprocess.DEVNULL, stderr=log)
     try:
         import json
         import time
 
         deadline = time.monotonic() + 300
         while not ready.exists():
-            assert process.poll() is None, process.stderr.read()
+            assert process.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline
             time.sleep(0.1)
         with RetrievalClient(f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}") as client:
@@ -79,6 +81,7 @@ def test_serve_by_hand_pins_the_cpu_itself(parent_wants_tpu, dense_flat_index, t
     finally:
         process.terminate()
         process.wait(timeout=30)
+    assert "[serve] stopped" in log_path.read_text()
 
 
 def test_the_launchers_start_the_service_on_the_cpu(parent_wants_tpu):
