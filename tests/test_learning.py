@@ -7,12 +7,11 @@ toward the wrong river and the reward falls; if each token took its advantage fr
 turn from the one after it, which does not exist), the answer turn would not learn and the reward would not rise.
 """
 
-import json
-
 import numpy as np
 import pytest
 
 from retrieval_service.process import RetrievalServer
+from tspo_jax import metrics as names
 from tspo_jax.train import Trainer, load_experiment
 from tspo_jax.training.gin_config import split_gin_flags
 from tests.fixtures.demo_world import searching_run_flags
@@ -35,7 +34,7 @@ def test_a_few_rl_steps_raise_the_train_reward_of_a_half_right_policy(tmp_path, 
         "--gin.UpdateSpec.mini_batches=1", "--gin.OptimizerSpec.learning_rate=2e-4"))
     assert rest == []
     Trainer(load_experiment(flags)).run()
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = names.read_jsonl(run_dir / "metrics.jsonl")
     reward = [row["reward/mean"] for row in rows if "reward/mean" in row]
     assert len(reward) == STEPS
     first, last = np.mean(reward[:2]), np.mean(reward[-2:])

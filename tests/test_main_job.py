@@ -25,7 +25,7 @@ def test_the_main_job_searches_finds_gold_answers_and_teaches_from_the_shipped_p
     assert result.returncode == 0, result.stderr[-4000:]
     assert "eval EM " in result.stdout and " -> " in result.stdout.split("eval EM ")[-1]
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = names.read_jsonl(run_dir / "metrics.jsonl")
     steps = [row for row in rows if names.REWARD in row]
     assert len(steps) == STEPS
     assert max(row[names.FOLR_HIT_RATE] for row in steps) > 0
@@ -36,7 +36,7 @@ def test_the_main_job_searches_finds_gold_answers_and_teaches_from_the_shipped_p
 
     recall = json.loads((run_dir / "demo_data" / "recall@3.json").read_text())
     assert set(recall) == {f"{split}/demo_{h}hop" for split in ("train", "test") for h in (2, 3)}
-    samples = [json.loads(line) for line in (run_dir / "samples" / f"step_{STEPS}.jsonl").read_text().splitlines()]
+    samples = names.read_jsonl(run_dir / "samples" / f"step_{STEPS}.jsonl")
     assert {s["kind"] for s in samples} == {"eval", "train"}
     assert all("advantage" in turn for s in samples if s["kind"] == "train" for turn in s["turns"])
     assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 
 from tspo_jax import curves
+from tspo_jax import metrics as names
 
 ALGORITHMS = ("tspo", "grpo", "gtpo")
 
@@ -77,7 +78,7 @@ def run_all(out: pathlib.Path, algorithms: Sequence[str], seeds: Sequence[int], 
 
 def collect(out: pathlib.Path, algorithms: Sequence[str], seeds: Sequence[int]) -> dict:
     """runs[algorithm][seed] = metrics rows."""
-    return {a: {s: curves.read_metrics(out / run_name(a, s) / "metrics.jsonl") for s in seeds} for a in algorithms}
+    return {a: {s: names.read_jsonl(out / run_name(a, s) / "metrics.jsonl") for s in seeds} for a in algorithms}
 
 
 def table(summary: dict) -> str:

@@ -9,7 +9,6 @@ and its summary numbers.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -22,12 +21,6 @@ PANELS = ((EVAL_EM, "test EM (greedy)"), (names.REWARD, "train reward"),
           (names.GROUPS_NONZERO_ADVANTAGE, "groups with non-zero advantage"), (names.FOLR_HIT_RATE, "FOLR hit rate"))
 
 Curve = list[tuple[int, float]]  # (step, value), steps ascending
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The rows of a metrics.jsonl (one per step or eval)."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def curve(rows: Sequence[Mapping], name: str) -> Curve:

@@ -165,7 +165,7 @@ class MetricsLog:
         """Every row logged so far (this run's and, on resume, the kept earlier ones), as dicts."""
         if self._jsonl is not None:
             self._jsonl.flush()
-        return [json.loads(line) for line in self.jsonl_path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.jsonl_path)
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -36,6 +36,7 @@ import pathlib
 import random
 import re
 
+from retrieval_service.corpus import split_contents
 from tspo_jax.data import demo
 
 KINDS = ("expert", "no_search", "early_stop", "wrong_entity", "wrong_copy")
@@ -256,7 +257,7 @@ def ideal_query_recall(data: demo.DemoData, k: int) -> dict[str, float]:
     chain document (the subject's, each bridge entity's, the town's) is in the top `k` (BM25 over the whole
     corpus, as the service ranks it) when searched by its own name, the expert's query. A reader that searches
     perfectly can answer at most this share."""
-    documents = [(c["contents"].split("\n", 1)[0].strip('"'), c["contents"].split("\n", 1)[1]) for c in data.corpus]
+    documents = [split_contents(c["contents"]) for c in data.corpus]
     search = WorldSearch(documents)
     hits: dict[str, list[bool]] = {}
     for split, rows in (("train", data.train), ("test", data.test)):

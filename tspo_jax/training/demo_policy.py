@@ -18,6 +18,8 @@ import pathlib
 import shutil
 import sys
 
+from tspo_jax import metrics as names
+
 DIRECTORY = pathlib.Path(__file__).resolve().parent.parent / "data" / "demo_policy"
 RECIPE = "RECIPE.json"
 SFT_COMMAND = "python -m tspo_jax.sft --gin_file=configs/experiments/sft_demo.gin"
@@ -47,7 +49,7 @@ def ship(run_dir: str | pathlib.Path, directory: pathlib.Path = DIRECTORY) -> pa
     export = run_dir / "hf"
     if not (export / "model.safetensors").is_file():
         raise FileNotFoundError(f"{export} holds no exported policy: run `make sft-demo` to the end first")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = names.read_jsonl(run_dir / "metrics.jsonl")
     last = rows[-1]
     evals = {k: v for row in rows for k, v in row.items() if k.startswith("eval/")}
     if directory.exists():
