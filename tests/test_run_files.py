@@ -16,15 +16,15 @@ def test_a_local_run_dir_is_made_absolute_and_is_its_own_working_directory(tmp_p
     monkeypatch.chdir(tmp_path)
     path = run_files.run_path("runs/x", what="RUN_DIR")
     assert os.fspath(path) == str(tmp_path / "runs" / "x")
-    assert run_files.local_work_dir(path, None) == tmp_path / "runs" / "x"
+    assert run_files.local_work_dir(path, None, what="train.local_dir") == tmp_path / "runs" / "x"
 
 
 def test_a_gcs_run_dir_stays_a_url_and_works_locally_in_the_cache(tmp_path):
     path = run_files.run_path("gs://bucket/runs/x", what="RUN_DIR")
     assert os.fspath(path) == "gs://bucket/runs/x" and run_files.is_remote(path)
-    assert run_files.local_work_dir(path, None) == pathlib.Path(
+    assert run_files.local_work_dir(path, None, what="train.local_dir") == pathlib.Path(
         "~/.cache/tspo_jax/runs/bucket/runs/x").expanduser()
-    assert run_files.local_work_dir(path, str(tmp_path)) == tmp_path
+    assert run_files.local_work_dir(path, str(tmp_path), what="train.local_dir") == tmp_path
 
 
 @pytest.mark.parametrize("url", ["s3://bucket/run", "hf://org/run", "ftp://host/run"])

@@ -64,11 +64,13 @@ EVAL_FRAME = "configs/eval.gin"
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """The evaluation as configured: spec (EvalSpec), use_dataset_prompt (DataSpec.use_dataset_prompt), and for a
-    run directory its Experiment or SFTExperiment (data, local_dir, checkpoint directory), else None."""
+    run directory its Experiment or SFTExperiment (data, local_dir, checkpoint directory) and its kind ("train"
+    or "sft", whose settings those are), else None."""
 
     spec: EvalSpec
     use_dataset_prompt: bool
     run: object | None
+    run_kind: str | None = None
 
     @property
     def run_data(self):
@@ -100,13 +102,10 @@ def load_settings(source: ModelSource, flags: gin_config.GinFlags, scratch: path
             raise StartupError(f"--model {source.text}: {error}") from None
         files.append(str(run_config))
         kind = gin_config.run_kind(run_config.read_text())  # "train" (RL) or "sft"
-    gin_config.load(dataclasses.replace(flags, files=files + flags.files))
-    try:
-        spec = configurables.evaluate()
-        run = getattr(configurables, kind)() if kind else None
-    except (ValueError, TypeError) as error:
-        raise gin_config.GinConfigError(f"bad configuration: {error}") from None
-    return Settings(spec=spec, use_dataset_prompt=gin.query_parameter("DataSpec.use_dataset_prompt"), run=run)
+    spec, run = gin_config.build(dataclasses.replace(flags, files=files + flags.files),
+                                 lambda: (configurables.evaluate(), getattr(configurables, kind)() if kind else None))
+    return Settings(spec=spec, use_dataset_prompt=gin.query_parameter("DataSpec.use_dataset_prompt"), run=run,
+                    run_kind=kind)
 
 
 def retrieval_spec(spec, args) -> object:
@@ -138,7 +137,7 @@ def open_examples(args, source: ModelSource, settings: Settings) -> Examples:
     run, demo_paths, sources = settings.run, None, None
     run_data = settings.run_data if run is not None else None
     if run_data is not None and (run_data.demo or not args.data):
-        local_dir = run_files.local_work_dir(source.run_dir, run.local_dir)
+        local_dir = run_files.local_work_dir(source.run_dir, run.local_dir, what=f"{settings.run_kind}.local_dir")
         qa = open_qa_data(run_data, local_dir=local_dir, eval_only=True)
         demo_paths, sources = qa.demo_paths, qa.eval_sources
     if args.data:

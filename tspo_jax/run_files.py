@@ -81,7 +81,7 @@ def check_writable(path: epath.Path, *, what: str) -> None:
         raise RunFilesError(f"{what} {path} is not writable: {type(error).__name__}: {_first_line(error)}") from None
 
 
-def local_work_dir(run_dir: epath.Path, local_dir: str | None, *, what: str = "train.local_dir") -> pathlib.Path:
+def local_work_dir(run_dir: epath.Path, local_dir: str | None, *, what: str) -> pathlib.Path:
     """Where files that need a POSIX path go: `local_dir` (the setting `what`) if given, else RUN_DIR itself when
     it is local, else ~/.cache/tspo_jax/runs/<bucket>/<path>."""
     if local_dir is not None:

@@ -117,8 +117,9 @@ def load(flags: GinFlags, defaults: Sequence[Binding] = ()) -> list[pathlib.Path
 
 
 def build(flags: GinFlags, make) -> object:
-    """Loads `flags` (`load`) and calls `make` (a gin configurable: the experiment), so a value its checks refuse
-    fails as a GinConfigError naming the binding, like a gin error would."""
+    """Loads `flags` (`load`) and calls `make` (which builds from gin configurables: an experiment, or what an
+    evaluation needs), so a value their checks refuse fails as a GinConfigError naming the binding, like a gin
+    error would."""
     load(flags)
     try:
         return make()
