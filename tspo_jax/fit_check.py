@@ -263,11 +263,8 @@ def load_experiment(flags: gin_config.GinFlags):
     """The Experiment of gin flags, with stand-ins for the paths the fit check never reads."""
     from tspo_jax import configurables
 
-    gin_config.load(flags, defaults=[gin_config.Binding(text, "the fit check's stand-in") for text in PLACEHOLDERS])
-    try:
-        return configurables.train()
-    except (ValueError, TypeError) as error:
-        raise gin_config.GinConfigError(f"bad configuration: {error}") from None
+    return gin_config.build(flags, configurables.train,
+                            defaults=[gin_config.Binding(text, "the fit check's stand-in") for text in PLACEHOLDERS])
 
 
 def run_fit_check(exp, topology: tpu.Topology, cfg: Qwen2Config, cfg_source: str, *, seq_len: int | None = None,

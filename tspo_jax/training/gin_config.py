@@ -116,11 +116,11 @@ def load(flags: GinFlags, defaults: Sequence[Binding] = ()) -> list[pathlib.Path
     return read
 
 
-def build(flags: GinFlags, make) -> object:
+def build(flags: GinFlags, make, defaults: Sequence[Binding] = ()) -> object:
     """Loads `flags` (`load`) and calls `make` (which builds from gin configurables: an experiment, or what an
     evaluation needs), so a value their checks refuse fails as a GinConfigError naming the binding, like a gin
-    error would."""
-    load(flags)
+    error would. defaults: as `load`'s."""
+    load(flags, defaults)
     try:
         return make()
     except (ValueError, TypeError) as error:
